@@ -1,0 +1,63 @@
+"""The one interface every guest transport implements (SSH now, WinRM next)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a guest command did. A non-zero exit is data, not an exception."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+    start_ns: int  # time.monotonic_ns() on the host when the command was sent
+    end_ns: int  # ... and when its exit status arrived
+
+    @property
+    def duration_s(self) -> float:
+        """Wall time seen from the host, including transport latency."""
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+class GuestError(Exception):
+    """The transport failed (not the command): connection lost, file copy failed."""
+
+
+class GuestTimeout(GuestError):
+    """A command ran past its timeout; carries what it printed so far."""
+
+    def __init__(self, command: str, timeout_s: float, stdout: str, stderr: str) -> None:
+        super().__init__(f"guest command timed out after {timeout_s:.0f} s: {command}")
+        self.stdout, self.stderr = stdout, stderr
+
+
+class Guest(Protocol):
+    """A booted guest the harness can drive."""
+
+    def run(self, command: str, *, timeout_s: float) -> CommandResult:
+        """Run ``command`` in the guest's shell; raise GuestTimeout past ``timeout_s``."""
+        ...
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a host file into the guest."""
+        ...
+
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a guest file to the host."""
+        ...
+
+    def phase_command(self, command: str, token: int, phase: int) -> str:
+        """``command`` bracketed by guest phase markers, in this guest's shell language.
+
+        The wrapped command marks ``phase`` before it starts and phase 0 after
+        it ends, and exits with the workload's own status.
+        """
+        ...
+
+    def close(self) -> None:
+        """Drop the connection."""
+        ...

@@ -1,0 +1,149 @@
+"""Linux guests over SSH (paramiko), with the guest's host key pinned."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+import socket
+import time
+from pathlib import Path
+
+import paramiko
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from harness.guest.base import CommandResult, GuestError, GuestTimeout
+
+#: Errors that mean "sshd is not up yet / the link blipped", worth another try.
+TRANSIENT = (OSError, EOFError, paramiko.SSHException)
+
+MARKER_TOOL = "/usr/local/bin/kvm-marker"
+
+
+class SshGuest:
+    """A Linux guest reached on a 127.0.0.1 port forward. Implements ``Guest``."""
+
+    def __init__(self, client: paramiko.SSHClient, host: str, port: int) -> None:
+        self._client = client
+        self.host, self.port = host, port
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        user: str,
+        key_file: Path,
+        host_key: str,
+        deadline_s: float,
+    ) -> SshGuest:
+        """Connect, retrying transient failures until ``deadline_s`` has passed.
+
+        ``host_key`` is the "type base64" line recorded when the image was
+        built; any other key is rejected (never AutoAddPolicy).
+        """
+        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+        key_type, key_b64 = host_key.split()[:2]
+        known = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
+
+        def attempt() -> paramiko.SSHClient:
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            name = host if port == 22 else f"[{host}]:{port}"
+            client.get_host_keys().add(name, known.get_name(), known)
+            try:
+                client.connect(host, port=port, username=user, pkey=pkey, timeout=5,
+                               banner_timeout=10, auth_timeout=10, allow_agent=False,
+                               look_for_keys=False)
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                # Not transient: a different machine answered. Never retried.
+                raise GuestError(f"host key mismatch on {host}:{port}: {exc}") from exc
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        try:
+            for try_ in Retrying(
+                retry=retry_if_exception_type(TRANSIENT),
+                stop=stop_after_delay(deadline_s),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                reraise=False,
+            ):
+                with try_:
+                    client = attempt()
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise GuestError(f"no SSH on {host}:{port} after {deadline_s:.0f} s: {last!r}") from last
+        return cls(client, host, port)
+
+    def run(self, command: str, *, timeout_s: float) -> CommandResult:
+        """Run ``command``; a non-zero exit is returned, never retried or raised."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"SSH connection to {self.host}:{self.port} is closed")
+        try:
+            chan = transport.open_session(timeout=10)
+        except TRANSIENT as exc:
+            raise GuestError(f"cannot open an SSH channel: {exc!r}") from exc
+        out, err = bytearray(), bytearray()
+        start = time.monotonic_ns()
+        deadline = start + int(timeout_s * 1e9)
+        try:
+            chan.exec_command(command)
+            chan.settimeout(0.2)
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic_ns() > deadline:
+                    raise GuestTimeout(command, timeout_s, out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+                try:
+                    out += chan.recv(65536)
+                except (TimeoutError, socket.timeout):
+                    pass
+            status = chan.recv_exit_status()
+        except TRANSIENT as exc:
+            raise GuestError(f"SSH failed while running {command!r}: {exc!r}") from exc
+        finally:
+            chan.close()
+        end = time.monotonic_ns()
+        return CommandResult(status, out.decode(errors="replace"), err.decode(errors="replace"),
+                             start, end)
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy ``local`` to ``remote`` over SFTP."""
+        try:
+            with self._client.open_sftp() as sftp:
+                sftp.put(str(local), remote)
+        except (*TRANSIENT, paramiko.SFTPError) as exc:
+            raise GuestError(f"cannot copy {local} to guest:{remote}: {exc!r}") from exc
+
+    def get(self, remote: str, local: Path) -> None:
+        """Copy ``remote`` to ``local`` over SFTP."""
+        try:
+            with self._client.open_sftp() as sftp:
+                sftp.get(remote, str(local))
+        except (*TRANSIENT, paramiko.SFTPError) as exc:
+            raise GuestError(f"cannot copy guest:{remote} to {local}: {exc!r}") from exc
+
+    def phase_command(self, command: str, token: int, phase: int) -> str:
+        """Bracket ``command`` with kvm-marker calls; keep the workload's exit status."""
+        mark = f"{MARKER_TOOL} {token}"
+        inner = f"{mark} {phase}; {command}; rc=$?; {mark} 0; exit $rc"
+        return f"sh -c {shlex.quote(inner)}"
+
+    def close(self) -> None:
+        """Close the SSH connection."""
+        self._client.close()

@@ -1,0 +1,74 @@
+"""What a person sees while a run goes: steps, phases, and the closing table."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.results import PhaseResult, RunResult, WorkloadRun
+
+
+class Reporter(Protocol):
+    """Where the orchestrator reports progress; the CLI picks rich or quiet."""
+
+    def step(self, text: str) -> None:
+        """A step started or finished (image build, boot, tracer attach)."""
+        ...
+
+    def phase(self, run: WorkloadRun, phase: PhaseResult) -> None:
+        """A phase finished and was written to the result file."""
+        ...
+
+
+class QuietReporter:
+    """Reports nothing: for --quiet and --json, where stdout belongs to the result."""
+
+    def step(self, text: str) -> None:
+        """Ignore a step."""
+
+    def phase(self, run: WorkloadRun, phase: PhaseResult) -> None:
+        """Ignore a phase."""
+
+
+class RichReporter:
+    """Timestamped progress lines on stderr, so stdout stays clean for pipes."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
+        self._t0 = time.monotonic()
+
+    def step(self, text: str) -> None:
+        """Print a step with the time since the run began."""
+        self.console.print(f"[dim]{time.monotonic() - self._t0:7.1f}s[/] {text}")
+
+    def phase(self, run: WorkloadRun, phase: PhaseResult) -> None:
+        """Print one finished phase with its headline numbers."""
+        colour = "green" if phase.status == "ok" else "red"
+        dur = f"{phase.duration_s:.2f}s" if phase.duration_s is not None else "-"
+        metrics = " ".join(f"{k}={v:g}" for k, v in phase.metrics.items())
+        self.step(f"[{colour}]{phase.status}[/] {run.workload}#{run.repetition}/{phase.name} "
+                  f"{dur} {metrics}")
+
+
+def summary_table(result: RunResult) -> Table:
+    """One row per phase: timing, the workload's numbers and the host's KVM events."""
+    table = Table(title=f"run {result.run_id} ({result.status})")
+    for col in ("workload", "vm", "rep", "phase", "status", "seconds", "metrics", "kvm exits",
+                "mmu faults", "attribution"):
+        table.add_column(col, justify="right" if col in ("rep", "seconds", "kvm exits",
+                                                         "mmu faults") else "left")
+    for run in result.runs:
+        for ph in run.phases:
+            tr = ph.trace
+            table.add_row(
+                run.workload, run.vm, str(run.repetition), ph.name, ph.status,
+                f"{ph.duration_s:.3f}" if ph.duration_s is not None else "-",
+                "\n".join(f"{k}={v:g}" for k, v in ph.metrics.items()) or "-",
+                str(sum(tr.exits.values())) if tr else "-",
+                str(sum(tr.mmu_faults.values())) if tr else "-",
+                tr.attribution if tr else "untraced",
+            )
+    return table

@@ -1,0 +1,165 @@
+"""The result file: schema, atomic writes, loading.
+
+One JSON document per run, ``results/<run-id>.json``. It is rewritten
+atomically after every phase, so an interrupted run leaves valid JSON of
+everything that finished, with ``status`` saying the run did not complete.
+The schema grows by adding optional fields; ``SCHEMA_VERSION`` changes only
+when a field changes meaning or disappears, and ``load`` refuses versions it
+does not know instead of misreading them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.host.facts import HostFacts
+from harness.trace.model import PhaseTrace, TraceSummary
+
+SCHEMA_VERSION = 1
+SCHEMA_ID = "https://kvm-mmu-harness.invalid/results/schema.json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CrossCheck(_Model):
+    """A KVM counter against the traced events that should equal it, over one phase."""
+
+    kvm_stat: str
+    traced: str
+    kvm_value: int
+    traced_value: int
+    difference: int  # kvm_value - traced_value; non-zero means lost or extra events
+    exact: bool  # whether the two are defined to be equal, or only to track each other
+
+
+class PhaseResult(_Model):
+    """One phase of one repetition of one workload."""
+
+    index: int = Field(description="phase number on the VM's marker channel (1-based)")
+    name: str
+    command: str | None = None
+    started_at: datetime | None = None
+    start_ns: int | None = Field(None, description="host CLOCK_MONOTONIC at the phase start")
+    end_ns: int | None = None
+    duration_s: float | None = None
+    timing: Literal["host-clock", "guest-marker"] = "host-clock"
+    status: Literal["ok", "failed", "timeout", "error"]
+    exit_status: int | None = None
+    error: str | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    metrics: dict[str, float] = {}
+    metrics_missing: list[str] = []
+    trace: PhaseTrace | None = None
+    kvm_stats: dict[str, int] | None = Field(None, description="KVM's own counters, delta over the phase")
+    cross_checks: list[CrossCheck] = []
+
+
+class WorkloadRun(_Model):
+    """One repetition of one workload on one VM."""
+
+    workload: str
+    vm: str
+    repetition: int
+    params: dict[str, str | int | float]
+    status: Literal["ok", "failed", "incomplete"]
+    phases: list[PhaseResult] = []
+
+
+class VmRecord(_Model):
+    """A VM as it was booted (one record per boot)."""
+
+    name: str
+    domain: str
+    image: str
+    image_digest: str
+    accelerator: Literal["kvm", "tcg"]
+    accelerator_reason: str
+    vcpus: int
+    memory_mib: int
+    qemu_pid: int | None = None
+    marker_token: int
+    boot_to_ready_s: float | None = Field(None, description="domain start to SSH answering")
+    console_log: str | None = None
+    trace: TraceSummary | None = Field(None, description="the tracer of this boot")
+
+
+class SuiteRef(_Model):
+    """Which suite file produced this run."""
+
+    name: str
+    path: str
+    sha256: str
+
+
+class RunResult(_Model):
+    """A whole run: provenance, VMs, tracer state and every phase measured."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    status: Literal["running", "complete", "incomplete", "failed"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    harness_version: str
+    command_line: list[str]
+    suite: SuiteRef
+    host: HostFacts
+    vms: list[VmRecord] = []
+    runs: list[WorkloadRun] = []
+    errors: list[str] = []
+    notes: list[str] = []
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a result file (committed as results/schema.json)."""
+    schema = RunResult.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = SCHEMA_ID
+    return schema
+
+
+def write_atomic(result: RunResult, path: Path) -> None:
+    """Replace ``path`` with ``result`` so readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(result.model_dump_json(indent=2))
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultError(Exception):
+    """A result file cannot be read as this version of the harness understands it."""
+
+
+def load(path: Path) -> RunResult:
+    """Read a result file, refusing schema versions this harness does not know."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultError(f"{path}: not a readable result file: {exc}") from exc
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ResultError(f"{path}: schema_version {version!r}, this harness reads "
+                          f"{SCHEMA_VERSION} (fix: use the harness version that wrote it)")
+    return RunResult.model_validate(data)
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

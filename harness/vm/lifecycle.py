@@ -1,0 +1,200 @@
+"""Start, watch and tear down the harness's VMs through libvirt.
+
+Domains are transient and started with AUTODESTROY: libvirtd destroys them
+when the harness's connection closes, so even a SIGKILLed harness leaves no
+running VM. Names carry a fixed prefix and the run id so that a later run can
+find and reap anything a killed run left (overlays, run directories).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from harness.vm.domain import DomainConfig, domain_xml
+
+DOMAIN_PREFIX = "kvmh-"
+OWNER_FILE = "owner.pid"
+
+
+class VmError(Exception):
+    """A VM could not be started or managed."""
+
+
+def domain_name(run_id: str, vm: str) -> str:
+    """The libvirt name of VM ``vm`` in run ``run_id``."""
+    return f"{DOMAIN_PREFIX}{run_id}-{vm}"
+
+
+def connect(uri: str = "qemu:///system") -> libvirt.virConnect:
+    """Open libvirt, with an error that says how to get it running."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise VmError(f"cannot reach libvirtd at {uri}: {exc} "
+                      "(fix: `harness doctor --fix` starts virtlogd and libvirtd)") from exc
+    if conn is None:  # pragma: no cover - older bindings returned None
+        raise VmError(f"cannot reach libvirtd at {uri}")
+    return conn
+
+
+@dataclass
+class RunningVm:
+    """A started domain and the host-side files that belong to it."""
+
+    name: str
+    domain: libvirt.virDomain
+    pid: int  # the QEMU process: what the tracer filters on
+    console_log: Path
+    overlay: Path | None
+    ssh_port: int | None
+    started_ns: int
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """A qcow2 overlay on ``base``: the guest writes there, the base stays pristine."""
+    proc = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise VmError(f"qemu-img create {overlay} failed: {proc.stderr.strip()}")
+    overlay.chmod(0o666)
+
+
+def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) -> RunningVm:
+    """Create the transient domain of ``cfg``; paused, it has a QEMU pid but runs nothing."""
+    cfg.console_log.touch(mode=0o666)
+    flags = libvirt.VIR_DOMAIN_START_AUTODESTROY
+    if paused:
+        flags |= libvirt.VIR_DOMAIN_START_PAUSED
+    try:
+        dom = conn.createXML(domain_xml(cfg), flags)
+    except libvirt.libvirtError as exc:
+        raise VmError(f"libvirt refused to start {cfg.name}: {exc}") from exc
+    return RunningVm(cfg.name, dom, qemu_pid(cfg.name), cfg.console_log, cfg.disk, cfg.ssh_port,
+                     time.monotonic_ns())
+
+
+def qemu_pid(name: str) -> int:
+    """The QEMU process id libvirt recorded for domain ``name``."""
+    pidfile = Path("/run/libvirt/qemu") / f"{name}.pid"
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise VmError(f"cannot read the QEMU pid of {name} from {pidfile}: {exc}") from exc
+
+
+def resume(vm: RunningVm) -> None:
+    """Let a paused domain's vCPUs run."""
+    vm.domain.resume()
+
+
+def is_running(vm: RunningVm) -> bool:
+    """Whether the domain still exists and is active."""
+    try:
+        return bool(vm.domain.isActive())
+    except libvirt.libvirtError:
+        return False  # transient domains vanish once they stop
+
+
+def wait_stopped(vm: RunningVm, timeout_s: float) -> bool:
+    """Wait for a guest that ends itself (the micro guest); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_running(vm):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def destroy(vm: RunningVm) -> None:
+    """Stop the domain and delete its overlay; safe to call twice."""
+    try:
+        if vm.domain.isActive():
+            vm.domain.destroy()
+    except libvirt.libvirtError:
+        pass  # already gone: transient domains disappear when QEMU exits
+    if vm.overlay is not None:
+        vm.overlay.unlink(missing_ok=True)
+
+
+def console_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a serial console log, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no console output)"
+    tail = [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return "\n".join(tail) or "(console empty)"
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` and mark it as owned by this process."""
+    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the files inside
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
+
+
+def _owner_alive(run_dir: Path) -> bool:
+    try:
+        pid = int((run_dir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_leftovers(conn: libvirt.virConnect, runs_dir: Path, log: Callable[[str], None]) -> list[str]:
+    """Destroy domains and delete run directories that a killed run left behind.
+
+    Only what belongs to a run whose harness process is gone is touched, so
+    two harness runs on one host do not reap each other.
+    """
+    reaped: list[str] = []
+    live_runs = {d.name for d in runs_dir.iterdir() if d.is_dir() and _owner_alive(d)} \
+        if runs_dir.is_dir() else set()
+    for dom in conn.listAllDomains():
+        name = dom.name()
+        if not name.startswith(DOMAIN_PREFIX):
+            continue
+        if any(name.startswith(f"{DOMAIN_PREFIX}{run}-") for run in live_runs):
+            continue
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+        except libvirt.libvirtError as exc:
+            log(f"could not reap domain {name}: {exc}")
+            continue
+        reaped.append(f"domain {name}")
+    if runs_dir.is_dir():
+        for d in runs_dir.iterdir():
+            if d.is_dir() and d.name not in live_runs:
+                shutil.rmtree(d, ignore_errors=True)
+                reaped.append(f"run directory {d}")
+    for item in reaped:
+        log(f"reaped leftover of a killed run: {item}")
+    return reaped
