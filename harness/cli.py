@@ -30,11 +30,20 @@ def main() -> None:
 
 @main.command()
 @SUITE_ARG
-@click.option("--results-dir", type=click.Path(path_type=Path), default=RESULTS_DIR,
-              show_default=True, help="Where <run-id>.json is written.")
+@click.option(
+    "--results-dir",
+    type=click.Path(path_type=Path),
+    default=RESULTS_DIR,
+    show_default=True,
+    help="Where <run-id>.json is written.",
+)
 @click.option("--no-trace", is_flag=True, help="Do not start the host tracer.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the result JSON on stdout instead of the table; no progress.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the result JSON on stdout instead of the table; no progress.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the result path.")
 def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, quiet: bool) -> None:
     """Run SUITE (default: workloads/suites/default.toml) and write its result JSON."""
@@ -44,11 +53,19 @@ def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, qu
     loaded = _load(suite)
     reporter = QuietReporter() if (as_json or quiet) else RichReporter()
     try:
-        state = run_suite(loaded, results_dir=results_dir, reporter=reporter,
-                          trace=False if no_trace else None, command_line=sys.argv)
+        state = run_suite(
+            loaded,
+            results_dir=results_dir,
+            reporter=reporter,
+            trace=False if no_trace else None,
+            command_line=sys.argv,
+        )
     except RunInterrupted:
-        click.echo("interrupted: VMs, overlays and the tracer were cleaned up; "
-                   "the partial result was kept", err=True)
+        click.echo(
+            "interrupted: VMs, overlays and the tracer were cleaned up; "
+            "the partial result was kept",
+            err=True,
+        )
         sys.exit(130)
     except Exception as exc:  # the result file already says what happened
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
@@ -56,7 +73,8 @@ def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, qu
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     elif not quiet:
-        Console().print(summary_table(result))
+        # Logs (CI, pipes) have no terminal width; keep the table readable there.
+        Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
     click.echo(f"result: {state.path}", err=as_json)
     if result.status != "complete":
         sys.exit(1)
@@ -110,7 +128,9 @@ def vm_xml(suite: Path | None, vm_name: str | None) -> None:
     loaded = _load(suite)
     names = [v.name for v in loaded.spec.vms]
     if vm_name is not None and vm_name not in names:
-        raise click.ClickException(f"{loaded.path}: no VM named {vm_name!r} (VMs: {', '.join(names)})")
+        raise click.ClickException(
+            f"{loaded.path}: no VM named {vm_name!r} (VMs: {', '.join(names)})"
+        )
     facts = collect_host_facts()
     for name, xml in preview_domains(loaded, lambda req: choose_accelerator(req, facts)[0]):
         if vm_name in (None, name):
@@ -125,10 +145,23 @@ def probes(as_json: bool) -> None:
 
     status = availability(list(CATALOGUE))
     if as_json:
-        click.echo(json.dumps([
-            {"name": s.probe.name, "kind": s.probe.kind, "target": s.probe.target,
-             "category": s.probe.category, "question": s.probe.question,
-             "available": s.available, "reason": s.reason} for s in status], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": s.probe.name,
+                        "kind": s.probe.kind,
+                        "target": s.probe.target,
+                        "category": s.probe.category,
+                        "question": s.probe.question,
+                        "available": s.available,
+                        "reason": s.reason,
+                    }
+                    for s in status
+                ],
+                indent=2,
+            )
+        )
         return
     for s in status:
         mark = "ok " if s.available else "no "
@@ -140,8 +173,10 @@ def probes(as_json: bool) -> None:
 def validate(suite: Path | None) -> None:
     """Check SUITE and the workloads it names without booting anything."""
     loaded = _load(suite)
-    click.echo(f"{loaded.path}: ok ({len(loaded.spec.vms)} VMs, {len(loaded.spec.runs)} runs, "
-               f"workloads: {', '.join(loaded.workloads)})")
+    click.echo(
+        f"{loaded.path}: ok ({len(loaded.spec.vms)} VMs, {len(loaded.spec.runs)} runs, "
+        f"workloads: {', '.join(loaded.workloads)})"
+    )
 
 
 if __name__ == "__main__":

@@ -49,26 +49,53 @@ class RichReporter:
         colour = "green" if phase.status == "ok" else "red"
         dur = f"{phase.duration_s:.2f}s" if phase.duration_s is not None else "-"
         metrics = " ".join(f"{k}={v:g}" for k, v in phase.metrics.items())
-        self.step(f"[{colour}]{phase.status}[/] {run.workload}#{run.repetition}/{phase.name} "
-                  f"{dur} {metrics}")
+        self.step(
+            f"[{colour}]{phase.status}[/] {run.workload}#{run.repetition}/{phase.name} "
+            f"{dur} {metrics}"
+        )
 
 
 def summary_table(result: RunResult) -> Table:
     """One row per phase: timing, the workload's numbers and the host's KVM events."""
     table = Table(title=f"run {result.run_id} ({result.status})")
-    for col in ("workload", "vm", "rep", "phase", "status", "seconds", "metrics", "kvm exits",
-                "mmu faults", "attribution"):
-        table.add_column(col, justify="right" if col in ("rep", "seconds", "kvm exits",
-                                                         "mmu faults") else "left")
+    right = {"rep", "seconds", "exits", "mmu faults", "mmu events", "emulated"}
+    for col in (
+        "workload",
+        "vm",
+        "rep",
+        "phase",
+        "status",
+        "seconds",
+        "metrics",
+        "exits",
+        "mmu faults",
+        "mmu events",
+        "emulated",
+        "attribution",
+    ):
+        table.add_column(col, justify="right" if col in right else "left")
     for run in result.runs:
         for ph in run.phases:
             tr = ph.trace
+            counts = (
+                [
+                    str(sum(tr.exits.values())),
+                    str(sum(tr.mmu_faults.values())),
+                    str(sum(tr.mmu_events.values())),
+                    str(tr.emulated_insns),
+                ]
+                if tr
+                else ["-"] * 4
+            )
             table.add_row(
-                run.workload, run.vm, str(run.repetition), ph.name, ph.status,
+                run.workload,
+                run.vm,
+                str(run.repetition),
+                ph.name,
+                ph.status,
                 f"{ph.duration_s:.3f}" if ph.duration_s is not None else "-",
-                "\n".join(f"{k}={v:g}" for k, v in ph.metrics.items()) or "-",
-                str(sum(tr.exits.values())) if tr else "-",
-                str(sum(tr.mmu_faults.values())) if tr else "-",
+                " ".join(f"{k}={v:g}" for k, v in ph.metrics.items()) or "-",
+                *counts,
                 tr.attribution if tr else "untraced",
             )
     return table

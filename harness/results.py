@@ -48,7 +48,9 @@ class PhaseResult(_Model):
     name: str
     command: str | None = None
     started_at: datetime | None = None
-    start_ns: int | None = Field(None, description="host CLOCK_MONOTONIC at the phase start")
+    start_ns: int | None = Field(
+        default=None, description="host CLOCK_MONOTONIC at the phase start"
+    )
     end_ns: int | None = None
     duration_s: float | None = None
     timing: Literal["host-clock", "guest-marker"] = "host-clock"
@@ -60,7 +62,9 @@ class PhaseResult(_Model):
     metrics: dict[str, float] = {}
     metrics_missing: list[str] = []
     trace: PhaseTrace | None = None
-    kvm_stats: dict[str, int] | None = Field(None, description="KVM's own counters, delta over the phase")
+    kvm_stats: dict[str, int] | None = Field(
+        default=None, description="KVM's own counters, delta over the phase"
+    )
     cross_checks: list[CrossCheck] = []
 
 
@@ -88,9 +92,9 @@ class VmRecord(_Model):
     memory_mib: int
     qemu_pid: int | None = None
     marker_token: int
-    boot_to_ready_s: float | None = Field(None, description="domain start to SSH answering")
+    boot_to_ready_s: float | None = Field(default=None, description="domain start to SSH answering")
     console_log: str | None = None
-    trace: TraceSummary | None = Field(None, description="the tracer of this boot")
+    trace: TraceSummary | None = Field(default=None, description="the tracer of this boot")
 
 
 class SuiteRef(_Model):
@@ -156,8 +160,10 @@ def load(path: Path) -> RunResult:
         raise ResultError(f"{path}: not a readable result file: {exc}") from exc
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise ResultError(f"{path}: schema_version {version!r}, this harness reads "
-                          f"{SCHEMA_VERSION} (fix: use the harness version that wrote it)")
+        raise ResultError(
+            f"{path}: schema_version {version!r}, this harness reads "
+            f"{SCHEMA_VERSION} (fix: use the harness version that wrote it)"
+        )
     return RunResult.model_validate(data)
 
 

@@ -50,7 +50,7 @@ from harness.results import (
     write_atomic,
 )
 from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec, WorkloadSpec
-from harness.trace import correlate, kvmstats, probes
+from harness.trace import correlate, crosscheck, kvmstats, probes
 from harness.trace.model import PhaseTrace, TraceSummary
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer, TracerError
@@ -59,8 +59,12 @@ from harness.vm import configs, lifecycle
 TAIL_CHARS = 2000
 
 
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run stops after cleaning up."""
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived; the run stops after cleaning up.
+
+    A BaseException, like KeyboardInterrupt, so that no library's
+    ``except Exception`` on the way up can swallow it.
+    """
 
 
 @dataclass
@@ -107,15 +111,23 @@ def run_suite(
     run_id = new_run_id()
     facts = collect_host_facts()
     result = RunResult(
-        run_id=run_id, status="running", started_at=datetime.now(UTC),
-        harness_version=__version__, command_line=list(command_line),
+        run_id=run_id,
+        status="running",
+        started_at=datetime.now(UTC),
+        harness_version=__version__,
+        command_line=list(command_line),
         suite=SuiteRef(name=suite.spec.name, path=str(suite.path), sha256=suite.sha256),
         host=facts,
     )
     runs_dir = cache_dir() / "runs"
-    state = RunState(result, results_dir / f"{run_id}.json", runs_dir / run_id, reporter,
-                     suite.spec.trace.enabled if trace is None else trace,
-                     list(suite.spec.trace.probes))
+    state = RunState(
+        result,
+        results_dir / f"{run_id}.json",
+        runs_dir / run_id,
+        reporter,
+        suite.spec.trace.enabled if trace is None else trace,
+        list(suite.spec.trace.probes),
+    )
     conn = lifecycle.connect()
     try:
         for note in lifecycle.reap_leftovers(conn, runs_dir, reporter.step):
@@ -140,8 +152,7 @@ def run_suite(
         raise
     finally:
         result.finished_at = datetime.now(UTC)
-        if state.run_dir.parent.is_dir() or state.path.exists():
-            state.save()
+        state.save()
         conn.close()
     return state
 
@@ -169,8 +180,14 @@ def _remove_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_vm(state: RunState, suite: Suite, vm: VmSpec, runs: list[RunSpec], facts: HostFacts,
-            conn: libvirt.virConnect) -> None:
+def _run_vm(
+    state: RunState,
+    suite: Suite,
+    vm: VmSpec,
+    runs: list[RunSpec],
+    facts: HostFacts,
+    conn: libvirt.virConnect,
+) -> None:
     if vm.image == "micro":
         for run in runs:
             for rep in range(1, suite.repetitions(run) + 1):
@@ -182,8 +199,14 @@ def _run_vm(state: RunState, suite: Suite, vm: VmSpec, runs: list[RunSpec], fact
 # --- Linux guests over SSH --------------------------------------------------------------
 
 
-def _run_linux_boot(state: RunState, suite: Suite, vm: VmSpec, runs: list[RunSpec],
-                    facts: HostFacts, conn: libvirt.virConnect) -> None:
+def _run_linux_boot(
+    state: RunState,
+    suite: Suite,
+    vm: VmSpec,
+    runs: list[RunSpec],
+    facts: HostFacts,
+    conn: libvirt.virConnect,
+) -> None:
     rep = state.reporter
     accel, reason = choose_accelerator(vm.accelerator, facts)
     rep.step("image linux: checking cache (builds from Debian packages on first use)")
@@ -191,9 +214,15 @@ def _run_linux_boot(state: RunState, suite: Suite, vm: VmSpec, runs: list[RunSpe
     token = _token()
     boot_id = f"{vm.name}@{len(state.result.vms)}"
     record = VmRecord(
-        name=vm.name, domain=lifecycle.domain_name(state.result.run_id, vm.name),
-        image="linux", image_digest=image.digest, accelerator=accel, accelerator_reason=reason,
-        vcpus=vm.vcpus, memory_mib=vm.memory_mib, marker_token=token,
+        name=vm.name,
+        domain=lifecycle.domain_name(state.result.run_id, vm.name),
+        image="linux",
+        image_digest=image.digest,
+        accelerator=accel,
+        accelerator_reason=reason,
+        vcpus=vm.vcpus,
+        memory_mib=vm.memory_mib,
+        marker_token=token,
     )
     state.result.vms.append(record)
     with contextlib.ExitStack() as stack:
@@ -201,29 +230,56 @@ def _run_linux_boot(state: RunState, suite: Suite, vm: VmSpec, runs: list[RunSpe
         guest = _wait_for_ssh(running, image, vm)
         stack.callback(guest.close)
         record.boot_to_ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
-        rep.step(f"vm {vm.name}: SSH ready after {record.boot_to_ready_s:.1f} s ({accel}: {reason})")
+        rep.step(
+            f"vm {vm.name}: SSH ready after {record.boot_to_ready_s:.1f} s ({accel}: {reason})"
+        )
         state.save()
         target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
         tracer = _start_tracer(state, [target], record, stack)
         for run in runs:
             workload = suite.workloads[run.workload]
             for n in range(1, suite.repetitions(run) + 1):
-                _run_linux_workload(state, guest, workload, run, n, target, tracer, boot_id, record)
+                _run_linux_workload(
+                    state,
+                    guest,
+                    workload,
+                    run,
+                    n,
+                    target,
+                    tracer,
+                    boot_id,
+                    record,
+                    lambda: kvm_stats(running.domain),
+                )
         if tracer is not None:
             _finish_tracer(tracer, record)
 
 
-def _boot_linux(state: RunState, conn: libvirt.virConnect, vm: VmSpec, image: LinuxImage,
-                record: VmRecord, stack: contextlib.ExitStack) -> lifecycle.RunningVm:
+def _boot_linux(
+    state: RunState,
+    conn: libvirt.virConnect,
+    vm: VmSpec,
+    image: LinuxImage,
+    record: VmRecord,
+    stack: contextlib.ExitStack,
+) -> lifecycle.RunningVm:
     overlay = state.run_dir / f"{vm.name}.qcow2"
     lifecycle.create_overlay(image.disk, overlay)
     stack.callback(overlay.unlink, missing_ok=True)
     console = state.run_dir / f"{vm.name}.console.log"
     record.console_log = str(console)
     cfg = configs.linux_config(
-        name=record.domain, accelerator=record.accelerator, memory_mib=vm.memory_mib,
-        vcpus=vm.vcpus, kernel=image.kernel, initrd=image.initrd, cmdline=image.cmdline,
-        overlay=overlay, console_log=console, ssh_port=lifecycle.free_port())
+        name=record.domain,
+        accelerator=record.accelerator,
+        memory_mib=vm.memory_mib,
+        vcpus=vm.vcpus,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        cmdline=image.cmdline,
+        overlay=overlay,
+        console_log=console,
+        ssh_port=lifecycle.free_port(),
+    )
     state.reporter.step(f"vm {vm.name}: starting {record.domain}")
     running = lifecycle.start(conn, cfg)
     stack.callback(_keep_console, console, state.path)
@@ -242,28 +298,45 @@ def _keep_console(console: Path, result_path: Path) -> None:
 def _wait_for_ssh(running: lifecycle.RunningVm, image: LinuxImage, vm: VmSpec) -> SshGuest:
     assert running.ssh_port is not None
     try:
-        return SshGuest.connect("127.0.0.1", running.ssh_port, user=image.ssh_user,
-                                key_file=image.ssh_private_key, host_key=image.host_key,
-                                deadline_s=vm.boot_timeout_s)
+        return SshGuest.connect(
+            "127.0.0.1",
+            running.ssh_port,
+            user=image.ssh_user,
+            key_file=image.ssh_private_key,
+            host_key=image.host_key,
+            deadline_s=vm.boot_timeout_s,
+        )
     except GuestError as exc:
-        raise GuestError(f"{vm.name} did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}\n"
-                         f"last console lines ({running.console_log}):\n"
-                         f"{lifecycle.console_tail(running.console_log)}") from exc
+        raise GuestError(
+            f"{vm.name} did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}\n"
+            f"last console lines ({running.console_log}):\n"
+            f"{lifecycle.console_tail(running.console_log)}"
+        ) from exc
 
 
-def _run_linux_workload(state: RunState, guest: Guest, workload: WorkloadSpec, run: RunSpec,
-                        repetition: int, target: TraceTarget, tracer: Tracer | None,
-                        boot_id: str, record: VmRecord) -> None:
+def _run_linux_workload(
+    state: RunState,
+    guest: Guest,
+    workload: WorkloadSpec,
+    run: RunSpec,
+    repetition: int,
+    target: TraceTarget,
+    tracer: Tracer | None,
+    boot_id: str,
+    record: VmRecord,
+    stats: Callable[[], dict[str, int] | None],
+) -> None:
     params = {**workload.params, **run.params}
-    wrun = WorkloadRun(workload=workload.name, vm=run.vm, repetition=repetition, params=params,
-                       status="incomplete")
+    wrun = WorkloadRun(
+        workload=workload.name, vm=run.vm, repetition=repetition, params=params, status="incomplete"
+    )
     state.result.runs.append(wrun)
+    state.save()  # the file shows what is running, not only what finished
     for spec in workload.phases:
         number = state.next_phase(boot_id)
-        phase = _run_linux_phase(guest, workload, spec, params, number, target, tracer)
+        phase = run_linux_phase(guest, workload, spec, params, number, target, tracer, stats)
         if tracer is not None:
-            phase.trace = _phase_trace(tracer, target, number, record)
-            _cross_check(phase)
+            _trace_phase(tracer, target, phase, record)
         wrun.phases.append(phase)
         state.save()
         state.reporter.phase(wrun, phase)
@@ -275,16 +348,31 @@ def _run_linux_workload(state: RunState, guest: Guest, workload: WorkloadSpec, r
     state.save()
 
 
-def _run_linux_phase(guest: Guest, workload: WorkloadSpec, spec: PhaseSpec,
-                     params: dict[str, str | int | float], number: int, target: TraceTarget,
-                     tracer: Tracer | None) -> PhaseResult:
+def run_linux_phase(
+    guest: Guest,
+    workload: WorkloadSpec,
+    spec: PhaseSpec,
+    params: dict[str, str | int | float],
+    number: int,
+    target: TraceTarget,
+    tracer: Tracer | None,
+    stats: Callable[[], dict[str, int] | None],
+) -> PhaseResult:
+    """Run one phase: host marker, guest command between guest markers, host marker.
+
+    Returns the phase record without its trace (fetched by the caller) so the
+    benchmark can time exactly this path.
+    """
     command = workload.render(spec, params)
-    phase = PhaseResult(index=number, name=spec.name, command=command,
-                        started_at=datetime.now(UTC), status="error")
-    stats_before = kvmstats.read_vm_stats(target.pid)
+    phase = PhaseResult(
+        index=number, name=spec.name, command=command, started_at=datetime.now(UTC), status="error"
+    )
+    stats_before = stats()
     start_ns = tracer.mark_phase(target, number) if tracer else time.monotonic_ns()
     try:
-        out = guest.run(guest.phase_command(command, target.token, number), timeout_s=spec.timeout_s)
+        out = guest.run(
+            guest.phase_command(command, target.token, number), timeout_s=spec.timeout_s
+        )
     except GuestTimeout as exc:
         phase.status, phase.error = "timeout", str(exc)
         phase.stdout_tail, phase.stderr_tail = exc.stdout[-TAIL_CHARS:], exc.stderr[-TAIL_CHARS:]
@@ -300,7 +388,7 @@ def _run_linux_phase(guest: Guest, workload: WorkloadSpec, spec: PhaseSpec,
     end_ns = tracer.mark_phase(target, 0) if tracer else time.monotonic_ns()
     phase.start_ns, phase.end_ns = start_ns, end_ns
     phase.duration_s = round((end_ns - start_ns) / 1e9, 6)
-    stats_after = kvmstats.read_vm_stats(target.pid)
+    stats_after = stats()
     if stats_before is not None and stats_after is not None:
         phase.kvm_stats = kvmstats.diff(stats_before, stats_after)
     return phase
@@ -309,30 +397,56 @@ def _run_linux_phase(guest: Guest, workload: WorkloadSpec, spec: PhaseSpec,
 # --- self-driven guests (micro) ---------------------------------------------------------
 
 
-def _run_micro_boot(state: RunState, workload: WorkloadSpec, run: RunSpec, repetition: int,
-                    vm: VmSpec, facts: HostFacts, conn: libvirt.virConnect) -> None:
+def _run_micro_boot(
+    state: RunState,
+    workload: WorkloadSpec,
+    run: RunSpec,
+    repetition: int,
+    vm: VmSpec,
+    facts: HostFacts,
+    conn: libvirt.virConnect,
+) -> None:
     rep = state.reporter
     if not facts.kvm_device:
-        raise lifecycle.VmError(f"VM {vm.name!r}: the micro guest needs /dev/kvm "
-                                "(fix: load kvm, or run `harness doctor`)")
+        raise lifecycle.VmError(
+            f"VM {vm.name!r}: the micro guest needs /dev/kvm "
+            "(fix: load kvm, or run `harness doctor`)"
+        )
     token = _token()
     out_dir = state.run_dir / f"{vm.name}-{repetition}"
     out_dir.mkdir(mode=0o755)
-    image = build_micro_image(out_dir, [MicroPhase(p.name, p.pages or 1, p.repeat)
-                                        for p in workload.phases], token)
+    micro = build_micro_image(
+        out_dir, [MicroPhase(p.name, p.pages or 1, p.repeat) for p in workload.phases], token
+    )
+    if micro.rom_path is None or micro.rom_digest is None:
+        raise lifecycle.VmError(f"{out_dir}: the micro image build produced no ROM")
     record = VmRecord(
-        name=vm.name, domain=lifecycle.domain_name(state.result.run_id, f"{vm.name}-{repetition}"),
-        image="micro", image_digest=image.digest, accelerator="kvm",
+        name=vm.name,
+        domain=lifecycle.domain_name(state.result.run_id, f"{vm.name}-{repetition}"),
+        image="micro",
+        image_digest=micro.rom_digest,
+        accelerator="kvm",
         accelerator_reason="the micro guest runs under KVM even where stock guests cannot",
-        vcpus=1, memory_mib=vm.memory_mib, marker_token=token,
+        vcpus=1,
+        memory_mib=vm.memory_mib,
+        marker_token=token,
         console_log=str(out_dir / "console.log"),
     )
     state.result.vms.append(record)
-    wrun = WorkloadRun(workload=workload.name, vm=vm.name, repetition=repetition,
-                       params=run.params, status="incomplete")
+    wrun = WorkloadRun(
+        workload=workload.name,
+        vm=vm.name,
+        repetition=repetition,
+        params=run.params,
+        status="incomplete",
+    )
     state.result.runs.append(wrun)
-    cfg = configs.micro_config(name=record.domain, memory_mib=vm.memory_mib, floppy=image.path,
-                               console_log=out_dir / "console.log")
+    cfg = configs.micro_config(
+        name=record.domain,
+        memory_mib=vm.memory_mib,
+        rom=micro.rom_path,
+        console_log=out_dir / "console.log",
+    )
     with contextlib.ExitStack() as stack:
         running = lifecycle.start(conn, cfg, paused=True)
         stack.callback(lifecycle.destroy, running)
@@ -344,9 +458,11 @@ def _run_micro_boot(state: RunState, workload: WorkloadSpec, run: RunSpec, repet
         lifecycle.resume(running)
         finished = lifecycle.wait_stopped(running, vm.boot_timeout_s)
         snapshot = tracer.stop()
-        record.trace = tracer.summary()
+        record.trace = tracer.summary(snapshot)
         numbers = list(range(1, len(workload.phases) + 1))
-        traces = correlate.phase_traces(snapshot, target, [0, *numbers])
+        traces = correlate.phase_traces(
+            snapshot, target, numbers, attached=record.trace.probes_attached
+        )
     for number, spec in zip(numbers, workload.phases, strict=True):
         wrun.phases.append(_micro_phase(spec, number, traces, finished))
     wrun.status = "ok" if all(p.status == "ok" for p in wrun.phases) else "failed"
@@ -355,44 +471,68 @@ def _run_micro_boot(state: RunState, workload: WorkloadSpec, run: RunSpec, repet
         rep.phase(wrun, phase)
 
 
-def _micro_phase(spec: PhaseSpec, number: int, traces: dict[int, PhaseTrace],
-                 finished: bool) -> PhaseResult:
+def _micro_phase(
+    spec: PhaseSpec, number: int, traces: dict[int, PhaseTrace], finished: bool
+) -> PhaseResult:
     trace = traces.get(number)
-    phase = PhaseResult(index=number, name=spec.name, status="ok", timing="guest-marker",
-                        trace=trace)
+    phase = PhaseResult(
+        index=number, name=spec.name, status="ok", timing="guest-marker", trace=trace
+    )
     # A phase runs from its own marker to the next one (phase k+1, or 0 after the last).
     start = trace.marker_ns if trace else None
     following = [t.marker_ns for n, t in traces.items() if n in (number + 1, 0)]
     end = next((ns for ns in following if ns is not None), None)
     if trace is None or start is None or trace.markers_seen != 1:
         phase.status = "error"
-        phase.error = (f"phase marker seen {trace.markers_seen if trace else 0} times, expected 1"
-                       + ("" if finished else "; the guest did not finish in time"))
+        phase.error = (
+            f"phase marker seen {trace.markers_seen if trace else 0} times, expected 1"
+            + ("" if finished else "; the guest did not finish in time")
+        )
     elif end is not None:
         phase.start_ns, phase.end_ns = start, end
         phase.duration_s = round((end - start) / 1e9, 6)
-        phase.metrics = {"pages": float(spec.pages or 0),
-                         "pages_per_s": (spec.pages or 0) * spec.repeat / max(phase.duration_s, 1e-9)}
+        phase.metrics = {
+            "pages": float(spec.pages or 0),
+            "pages_per_s": (spec.pages or 0) * spec.repeat / max(phase.duration_s, 1e-9),
+        }
     return phase
 
 
 # --- tracing ----------------------------------------------------------------------------
 
 
+def kvm_stats(domain: libvirt.virDomain) -> dict[str, int] | None:
+    """KVM's own counters for a domain (QEMU query-stats); None where KVM keeps none (TCG).
+
+    debugfs would not need QEMU's help, but kernel lockdown makes its stat
+    files unreadable on some hosts, and QEMU's answer is the same counters.
+    """
+    try:
+        values = kvmstats.read_libvirt_stats(domain)
+    except Exception:  # a monitor hiccup must not fail the phase; None says "unknown"
+        return None
+    return values or None
+
+
 def _token() -> int:
     return secrets.randbelow(0xFFFF) + 1
 
 
-def _start_tracer(state: RunState, targets: list[TraceTarget], record: VmRecord,
-                  stack: contextlib.ExitStack, *, required: bool = False) -> Tracer | None:
+def _start_tracer(
+    state: RunState,
+    targets: list[TraceTarget],
+    record: VmRecord,
+    stack: contextlib.ExitStack,
+    *,
+    required: bool = False,
+) -> Tracer | None:
     """Attach the tracer; without it a Linux run still measures, a micro run cannot."""
     if not state.trace_enabled:
         record.trace = TraceSummary(tracer_status="disabled")
         return None
     selected = probes.select(state.probe_names)
-    status = probes.availability(selected)
-    usable = [s.probe for s in status if s.available]
-    tracer = Tracer(usable, targets, workdir=state.run_dir)
+    # The tracer checks availability itself and records what it could not attach.
+    tracer = Tracer(selected, targets, workdir=state.run_dir / f"trace-{record.domain}")
     stack.enter_context(tracer)
     try:
         tracer.start()
@@ -402,44 +542,47 @@ def _start_tracer(state: RunState, targets: list[TraceTarget], record: VmRecord,
         if required:
             raise
         return None
-    record.trace = tracer.summary(status)
-    state.reporter.step(f"tracer attached: {len(record.trace.probes_attached)} probes, "
-                        f"{len(record.trace.probes_not_attached)} unavailable")
+    record.trace = tracer.summary()
+    state.reporter.step(
+        f"tracer attached: {len(record.trace.probes_attached)} probes, "
+        f"{len(record.trace.probes_not_attached)} unavailable"
+    )
     return tracer
 
 
-def _phase_trace(tracer: Tracer, target: TraceTarget, number: int,
-                 record: VmRecord) -> PhaseTrace | None:
-    """Fetch the aggregates for a finished phase; a dead tracer is recorded, not hidden."""
+def _trace_phase(tracer: Tracer, target: TraceTarget, phase: PhaseResult, record: VmRecord) -> None:
+    """Attach the aggregates of a finished phase; a dead tracer is recorded, not hidden."""
     try:
         snapshot = tracer.snapshot()
     except TracerError as exc:
         record.trace = tracer.summary()
         if record.trace.tracer_error is None:
             record.trace.tracer_error = str(exc)
-        return None
-    return correlate.phase_traces(snapshot, target, [number]).get(number)
+        return
+    attached = record.trace.probes_attached if record.trace else []
+    phase.trace = correlate.phase_traces(snapshot, target, [phase.index], attached=attached).get(
+        phase.index
+    )
+    if phase.kvm_stats is not None:
+        traced = crosscheck.host_window_counts(snapshot, target.pid, phase.index)
+        phase.cross_checks = [
+            CrossCheck(
+                kvm_stat=c.kvm_stat,
+                traced=c.probe,
+                kvm_value=c.kvm_value,
+                traced_value=c.traced_value,
+                difference=c.difference,
+                exact=c.exact,
+            )
+            for c in crosscheck.compare(phase.kvm_stats, traced, attached)
+        ]
 
 
 def _finish_tracer(tracer: Tracer, record: VmRecord) -> None:
+    snapshot = None
     with contextlib.suppress(TracerError):
-        tracer.stop()
-    record.trace = tracer.summary()
-
-
-def _cross_check(phase: PhaseResult) -> None:
-    """Compare KVM's own counters with what the tracer counted over the same phase."""
-    if phase.kvm_stats is None or phase.trace is None:
-        return
-    for stat, (traced_name, exact) in kvmstats.TRACE_EQUIVALENTS.items():
-        if stat not in phase.kvm_stats:
-            continue
-        traced = kvmstats.traced_value(phase.trace, traced_name)
-        if traced is None:
-            continue
-        phase.cross_checks.append(CrossCheck(
-            kvm_stat=stat, traced=traced_name, kvm_value=phase.kvm_stats[stat],
-            traced_value=traced, difference=phase.kvm_stats[stat] - traced, exact=exact))
+        snapshot = tracer.stop()
+    record.trace = tracer.summary(snapshot)
 
 
 def main_guard(fn: Callable[[], int]) -> int:
@@ -447,6 +590,7 @@ def main_guard(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except RunInterrupted:
-        print("interrupted: VMs, overlays and tracer cleaned up; partial result kept",
-              file=sys.stderr)
+        print(
+            "interrupted: VMs, overlays and tracer cleaned up; partial result kept", file=sys.stderr
+        )
         return 130

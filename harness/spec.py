@@ -60,7 +60,9 @@ class MetricSpec(_Strict):
         except re.error as exc:
             raise ValueError(f"not a valid regular expression: {exc}") from exc
         if compiled.groups != 1:
-            raise ValueError(f"needs exactly one capture group for the number, has {compiled.groups}")
+            raise ValueError(
+                f"needs exactly one capture group for the number, has {compiled.groups}"
+            )
         return value
 
 
@@ -88,9 +90,13 @@ class WorkloadSpec(_Strict):
     def _phases_fit_guest(self) -> WorkloadSpec:
         for i, phase in enumerate(self.phases):
             if self.guest == "micro" and phase.pages is None:
-                raise ValueError(f"phases[{i}] ({phase.name}): a micro workload phase needs `pages`")
+                raise ValueError(
+                    f"phases[{i}] ({phase.name}): a micro workload phase needs `pages`"
+                )
             if self.guest != "micro" and not phase.command:
-                raise ValueError(f"phases[{i}] ({phase.name}): a {self.guest} phase needs `command`")
+                raise ValueError(
+                    f"phases[{i}] ({phase.name}): a {self.guest} phase needs `command`"
+                )
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
@@ -203,8 +209,12 @@ def load_workload(path: Path) -> WorkloadSpec:
     """Load and validate one workload file."""
     workload = _validated(WorkloadSpec, path, _read_toml(path))
     if workload.name != path.stem:
-        raise SpecError(path, "name", f"is {workload.name!r} but the file is {path.name}",
-                        f"rename the file to {workload.name}.toml or set name = {path.stem!r}")
+        raise SpecError(
+            path,
+            "name",
+            f"is {workload.name!r} but the file is {path.name}",
+            f"rename the file to {workload.name}.toml or set name = {path.stem!r}",
+        )
     return workload
 
 
@@ -228,27 +238,41 @@ def load_suite(path: Path) -> Suite:
     vm_names = [vm.name for vm in spec.vms]
     for i, run in enumerate(spec.runs):
         if run.vm not in vm_names:
-            raise SpecError(path, f"runs[{i}].vm", f"no VM named {run.vm!r}",
-                            f"use one of: {', '.join(vm_names)}")
+            raise SpecError(
+                path,
+                f"runs[{i}].vm",
+                f"no VM named {run.vm!r}",
+                f"use one of: {', '.join(vm_names)}",
+            )
         if run.workload not in workloads:
             wpath = workload_path(run.workload, search)
             if wpath is None:
                 known = ", ".join(available_workloads(search)) or "none"
-                raise SpecError(path, f"runs[{i}].workload", f"unknown workload {run.workload!r}",
-                                f"use one of: {known}, or add workloads/{run.workload}.toml")
+                raise SpecError(
+                    path,
+                    f"runs[{i}].workload",
+                    f"unknown workload {run.workload!r}",
+                    f"use one of: {known}, or add workloads/{run.workload}.toml",
+                )
             workloads[run.workload] = load_workload(wpath)
         workload = workloads[run.workload]
         vm = spec.vm(run.vm)
         if IMAGE_GUEST_KIND[vm.image] != workload.guest:
-            raise SpecError(path, f"runs[{i}]",
-                            f"workload {workload.name!r} is for {workload.guest} guests "
-                            f"but VM {vm.name!r} boots the {vm.image} image",
-                            f"run it on a VM with image = {workload.guest!r}")
+            raise SpecError(
+                path,
+                f"runs[{i}]",
+                f"workload {workload.name!r} is for {workload.guest} guests "
+                f"but VM {vm.name!r} boots the {vm.image} image",
+                f"run it on a VM with image = {workload.guest!r}",
+            )
         unknown = set(run.params) - set(workload.params)
         if unknown:
-            raise SpecError(path, f"runs[{i}].params", f"unknown parameter(s) {sorted(unknown)} "
-                            f"for workload {workload.name!r}",
-                            f"use: {', '.join(sorted(workload.params)) or 'no parameters'}")
+            raise SpecError(
+                path,
+                f"runs[{i}].params",
+                f"unknown parameter(s) {sorted(unknown)} for workload {workload.name!r}",
+                f"use: {', '.join(sorted(workload.params)) or 'no parameters'}",
+            )
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return Suite(spec=spec, path=path, sha256=sha, workloads=workloads)
 

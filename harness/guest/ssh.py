@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import shlex
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from harness.guest.base import CommandResult, GuestError, GuestTimeout
 TRANSIENT = (OSError, EOFError, paramiko.SSHException)
 
 MARKER_TOOL = "/usr/local/bin/kvm-marker"
+
+# QEMU's user-mode network accepts TCP before the guest's sshd listens, so
+# every early attempt ends in "Error reading SSH protocol banner", which
+# paramiko's transport thread logs with a traceback. Retries handle it.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 class SshGuest:
@@ -58,9 +64,17 @@ class SshGuest:
             name = host if port == 22 else f"[{host}]:{port}"
             client.get_host_keys().add(name, known.get_name(), known)
             try:
-                client.connect(host, port=port, username=user, pkey=pkey, timeout=5,
-                               banner_timeout=10, auth_timeout=10, allow_agent=False,
-                               look_for_keys=False)
+                client.connect(
+                    host,
+                    port=port,
+                    username=user,
+                    pkey=pkey,
+                    timeout=5,
+                    banner_timeout=10,
+                    auth_timeout=10,
+                    allow_agent=False,
+                    look_for_keys=False,
+                )
             except paramiko.BadHostKeyException as exc:
                 client.close()
                 # Not transient: a different machine answered. Never retried.
@@ -81,7 +95,9 @@ class SshGuest:
                     client = attempt()
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            raise GuestError(f"no SSH on {host}:{port} after {deadline_s:.0f} s: {last!r}") from last
+            raise GuestError(
+                f"no SSH on {host}:{port} after {deadline_s:.0f} s: {last!r}"
+            ) from last
         return cls(client, host, port)
 
     def run(self, command: str, *, timeout_s: float) -> CommandResult:
@@ -104,23 +120,30 @@ class SshGuest:
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                if (
+                    chan.exit_status_ready()
+                    and not chan.recv_ready()
+                    and not chan.recv_stderr_ready()
+                ):
                     break
                 if time.monotonic_ns() > deadline:
-                    raise GuestTimeout(command, timeout_s, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))
-                try:
+                    raise GuestTimeout(
+                        command,
+                        timeout_s,
+                        out.decode(errors="replace"),
+                        err.decode(errors="replace"),
+                    )
+                with contextlib.suppress(TimeoutError):
                     out += chan.recv(65536)
-                except (TimeoutError, socket.timeout):
-                    pass
             status = chan.recv_exit_status()
         except TRANSIENT as exc:
             raise GuestError(f"SSH failed while running {command!r}: {exc!r}") from exc
         finally:
             chan.close()
         end = time.monotonic_ns()
-        return CommandResult(status, out.decode(errors="replace"), err.decode(errors="replace"),
-                             start, end)
+        return CommandResult(
+            status, out.decode(errors="replace"), err.decode(errors="replace"), start, end
+        )
 
     def put(self, local: Path, remote: str) -> None:
         """Copy ``local`` to ``remote`` over SFTP."""

@@ -5,23 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from harness.vm.domain import DomainConfig, FloppyBoot, KernelBoot
+from harness.vm.domain import DomainConfig, RomBoot, KernelBoot
 
 
-def linux_config(*, name: str, accelerator: Literal["kvm", "tcg"], memory_mib: int, vcpus: int,
-                 kernel: Path, initrd: Path | None, cmdline: str, overlay: Path,
-                 console_log: Path, ssh_port: int) -> DomainConfig:
+def linux_config(
+    *,
+    name: str,
+    accelerator: Literal["kvm", "tcg"],
+    memory_mib: int,
+    vcpus: int,
+    kernel: Path,
+    initrd: Path | None,
+    cmdline: str,
+    overlay: Path,
+    console_log: Path,
+    ssh_port: int,
+) -> DomainConfig:
     """A Linux guest: direct kernel boot, disk overlay, SSH forwarded on 127.0.0.1."""
     return DomainConfig(
-        name=name, domain_type="kvm" if accelerator == "kvm" else "qemu",
-        memory_mib=memory_mib, vcpus=vcpus, boot=KernelBoot(kernel, initrd, cmdline),
-        console_log=console_log, disk=overlay, ssh_port=ssh_port,
+        name=name,
+        domain_type="kvm" if accelerator == "kvm" else "qemu",
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        boot=KernelBoot(kernel, initrd, cmdline),
+        console_log=console_log,
+        disk=overlay,
+        ssh_port=ssh_port,
     )
 
 
-def micro_config(*, name: str, memory_mib: int, floppy: Path, console_log: Path) -> DomainConfig:
-    """The micro guest: one vCPU under KVM, a boot sector, and a way to end itself."""
+def micro_config(*, name: str, memory_mib: int, rom: Path, console_log: Path) -> DomainConfig:
+    """The micro guest: one vCPU under KVM, its ROM as firmware, and a way to end itself."""
     return DomainConfig(
-        name=name, domain_type="kvm", memory_mib=memory_mib, vcpus=1,
-        boot=FloppyBoot(floppy), console_log=console_log, debug_exit=True,
+        name=name,
+        domain_type="kvm",
+        memory_mib=memory_mib,
+        vcpus=1,
+        boot=RomBoot(rom),
+        console_log=console_log,
+        debug_exit=True,
+        cpu="default",
     )

@@ -36,14 +36,23 @@ def domain_name(run_id: str, vm: str) -> str:
 
 def connect(uri: str = "qemu:///system") -> libvirt.virConnect:
     """Open libvirt, with an error that says how to get it running."""
+    # libvirt's default handler prints every error to stderr, even ones the
+    # harness expects and handles (a transient domain gone after it stopped).
+    libvirt.registerErrorHandler(_ignore_libvirt_error, None)
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        raise VmError(f"cannot reach libvirtd at {uri}: {exc} "
-                      "(fix: `harness doctor --fix` starts virtlogd and libvirtd)") from exc
+        raise VmError(
+            f"cannot reach libvirtd at {uri}: {exc} "
+            "(fix: `harness doctor --fix` starts virtlogd and libvirtd)"
+        ) from exc
     if conn is None:  # pragma: no cover - older bindings returned None
         raise VmError(f"cannot reach libvirtd at {uri}")
     return conn
+
+
+def _ignore_libvirt_error(ctx: object, err: object) -> None:
+    """Errors still raise libvirtError; this only stops the duplicate stderr line."""
 
 
 @dataclass
@@ -71,7 +80,9 @@ def create_overlay(base: Path, overlay: Path) -> None:
     """A qcow2 overlay on ``base``: the guest writes there, the base stays pristine."""
     proc = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise VmError(f"qemu-img create {overlay} failed: {proc.stderr.strip()}")
@@ -88,8 +99,15 @@ def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) 
         dom = conn.createXML(domain_xml(cfg), flags)
     except libvirt.libvirtError as exc:
         raise VmError(f"libvirt refused to start {cfg.name}: {exc}") from exc
-    return RunningVm(cfg.name, dom, qemu_pid(cfg.name), cfg.console_log, cfg.disk, cfg.ssh_port,
-                     time.monotonic_ns())
+    return RunningVm(
+        cfg.name,
+        dom,
+        qemu_pid(cfg.name),
+        cfg.console_log,
+        cfg.disk,
+        cfg.ssh_port,
+        time.monotonic_ns(),
+    )
 
 
 def qemu_pid(name: str) -> int:
@@ -166,15 +184,20 @@ def _owner_alive(run_dir: Path) -> bool:
     return True
 
 
-def reap_leftovers(conn: libvirt.virConnect, runs_dir: Path, log: Callable[[str], None]) -> list[str]:
+def reap_leftovers(
+    conn: libvirt.virConnect, runs_dir: Path, log: Callable[[str], None]
+) -> list[str]:
     """Destroy domains and delete run directories that a killed run left behind.
 
     Only what belongs to a run whose harness process is gone is touched, so
     two harness runs on one host do not reap each other.
     """
     reaped: list[str] = []
-    live_runs = {d.name for d in runs_dir.iterdir() if d.is_dir() and _owner_alive(d)} \
-        if runs_dir.is_dir() else set()
+    live_runs = (
+        {d.name for d in runs_dir.iterdir() if d.is_dir() and _owner_alive(d)}
+        if runs_dir.is_dir()
+        else set()
+    )
     for dom in conn.listAllDomains():
         name = dom.name()
         if not name.startswith(DOMAIN_PREFIX):

@@ -19,23 +19,39 @@ needs_validator = pytest.mark.skipif(
 
 
 def linux_xml(tmp_path: Path, accel: str = "tcg") -> str:
-    return domain_xml(linux_config(
-        name="kvmh-test-linux", accelerator=accel, memory_mib=1024, vcpus=2,  # type: ignore[arg-type]
-        kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img", cmdline="root=/dev/vda rw",
-        overlay=tmp_path / "linux.qcow2", console_log=tmp_path / "console.log", ssh_port=40022))
+    return domain_xml(
+        linux_config(
+            name="kvmh-test-linux",
+            accelerator=accel,
+            memory_mib=1024,
+            vcpus=2,  # type: ignore[arg-type]
+            kernel=tmp_path / "vmlinuz",
+            initrd=tmp_path / "initrd.img",
+            cmdline="root=/dev/vda rw",
+            overlay=tmp_path / "linux.qcow2",
+            console_log=tmp_path / "console.log",
+            ssh_port=40022,
+        )
+    )
 
 
 def micro_xml(tmp_path: Path) -> str:
-    return domain_xml(micro_config(name="kvmh-test-micro", memory_mib=16,
-                                   floppy=tmp_path / "micro.img",
-                                   console_log=tmp_path / "console.log"))
+    return domain_xml(
+        micro_config(
+            name="kvmh-test-micro",
+            memory_mib=16,
+            rom=tmp_path / "micro.rom",
+            console_log=tmp_path / "console.log",
+        )
+    )
 
 
 def validate(tmp_path: Path, xml: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "domain.xml"
     path.write_text(xml)
-    return subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(
+        ["virt-xml-validate", str(path), "domain"], capture_output=True, text=True, check=False
+    )
 
 
 @needs_validator
@@ -54,7 +70,7 @@ def test_micro_domain_validates_against_libvirt_schema(tmp_path: Path) -> None:
 @needs_validator
 def test_validator_rejects_broken_xml(tmp_path: Path) -> None:
     # The schema check above is only worth something if it can fail.
-    broken = linux_xml(tmp_path).replace('<vcpu>2</vcpu>', '<vcpu>two</vcpu>')
+    broken = linux_xml(tmp_path).replace("<vcpu>2</vcpu>", "<vcpu>two</vcpu>")
     assert validate(tmp_path, broken).returncode != 0
 
 
@@ -87,8 +103,11 @@ def test_micro_domain_shape(tmp_path: Path) -> None:
     root = ET.fromstring(micro_xml(tmp_path))
     assert root.get("type") == "kvm"
     assert root.find("os/type").get("machine") == "pc"  # type: ignore[union-attr]
-    assert root.find("os/boot").get("dev") == "fd"  # type: ignore[union-attr]
-    assert root.find("devices/disk[@device='floppy']/source").get("file") == str(tmp_path / "micro.img")  # type: ignore[union-attr]
+    loader = root.find("os/loader")
+    assert loader is not None and loader.get("type") == "rom"
+    assert loader.text == str(tmp_path / "micro.rom")
+    assert root.find("devices/disk") is None
+    assert root.find("cpu") is None  # QEMU's default model: PVM rejects host MSRs
     assert root.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     assert "isa-debug-exit,iobase=0xf4,iosize=0x04" in args

@@ -65,24 +65,33 @@ def test_suite_finds_sibling_workloads_and_renders_params(tree: Path) -> None:
 
 def test_params_are_shell_quoted(tree: Path) -> None:
     workload = load_workload(tree / "touch.toml")
-    assert workload.render(workload.phases[0], {"mib": "1; reboot"}) == "page-touch --mib '1; reboot'"
+    assert (
+        workload.render(workload.phases[0], {"mib": "1; reboot"}) == "page-touch --mib '1; reboot'"
+    )
 
 
 @pytest.mark.parametrize(
     ("suite_text", "field", "needle"),
     [
-        (SUITE.replace('workload = "touch"', 'workload = "nope"'), "runs[0].workload",
-         "unknown workload 'nope'"),
+        (
+            SUITE.replace('workload = "touch"', 'workload = "nope"'),
+            "runs[0].workload",
+            "unknown workload 'nope'",
+        ),
         (SUITE.replace('vm = "g"', 'vm = "h"'), "runs[0].vm", "no VM named 'h'"),
         (SUITE.replace("mib = 32", "gib = 1"), "runs[0].params", "unknown parameter"),
         (SUITE.replace('name = "g"', 'name = "g"\nvcpu = 2'), "vms[0].vcpu", "Extra inputs"),
-        (SUITE.replace('name = "g"', 'name = "g"\nmemory_mib = 8'), "vms[0].memory_mib",
-         "greater than or equal to 16"),
+        (
+            SUITE.replace('name = "g"', 'name = "g"\nmemory_mib = 8'),
+            "vms[0].memory_mib",
+            "greater than or equal to 16",
+        ),
         (SUITE + "[trace]\nenabled = 'maybe'\n", "trace.enabled", "valid boolean"),
     ],
 )
-def test_bad_suite_names_file_field_and_reason(tree: Path, suite_text: str, field: str,
-                                               needle: str) -> None:
+def test_bad_suite_names_file_field_and_reason(
+    tree: Path, suite_text: str, field: str, needle: str
+) -> None:
     path = write(tree, "suites/s.toml", suite_text)
     with pytest.raises(SpecError) as err:
         load_suite(path)
@@ -114,9 +123,15 @@ def test_workload_for_other_guest_kind_is_rejected(tree: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (("regex = 'mib_per_s=([\\d.]+)'", "regex = 'mib_per_s=[\\d.]+'"), "exactly one capture group"),
-        (("regex = 'mib_per_s=([\\d.]+)'", "regex = 'mib_per_s=(['"), "not a valid regular expression"),
-        (('command = "page-touch --mib {mib}"', 'pages = 3'), "needs `command`"),
+        (
+            ("regex = 'mib_per_s=([\\d.]+)'", "regex = 'mib_per_s=[\\d.]+'"),
+            "exactly one capture group",
+        ),
+        (
+            ("regex = 'mib_per_s=([\\d.]+)'", "regex = 'mib_per_s=(['"),
+            "not a valid regular expression",
+        ),
+        (('command = "page-touch --mib {mib}"', "pages = 3"), "needs `command`"),
         (('guest = "linux"', 'guest = "windows95"'), "guest"),
         (('name = "touch"', 'name = "other"'), "rename the file"),
     ],

@@ -1,0 +1,174 @@
+"""Digest-keyed cache of built guest images.
+
+Each image lives in ``<cache>/images/<name>-<digest12>/``. A build writes into a
+temporary sibling directory and renames it into place only when complete, so a
+killed build never leaves a directory that looks finished; a per-entry lock file
+keeps two processes from building the same entry at once. Everything is made
+world-traversable because libvirt runs QEMU as ``libvirt-qemu``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from harness import paths
+
+#: Directories the QEMU user must be able to traverse and read.
+DIR_MODE = 0o755
+#: Number of digest hex digits in a cache directory name.
+SHORT_DIGEST = 12
+
+_STAGING_MARK = ".staging-"
+
+
+def recipe_digest(files: Iterable[Path], extra: str, *, base: Path | None = None) -> str:
+    """Return the sha256 (hex) over every recipe file's relative path and content.
+
+    Files are sorted by their path relative to ``base`` (default: the project
+    root) so the digest does not depend on listing order; ``extra`` folds in
+    anything that is not a file (a format version, a suite name).
+    """
+    root = (base or paths.PROJECT_ROOT).resolve()
+    entries: list[tuple[str, Path]] = []
+    for f in files:
+        resolved = f.resolve()
+        try:
+            rel = resolved.relative_to(root).as_posix()
+        except ValueError:
+            rel = resolved.as_posix()
+        entries.append((rel, resolved))
+    h = hashlib.sha256()
+    for rel, path in sorted(entries):
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"recipe file {path} cannot be read ({exc.strerror}): restore it from git"
+            ) from exc
+        # Length prefixes keep (path, content) boundaries unambiguous.
+        h.update(f"{len(rel)}:{rel}\0{len(content)}:".encode())
+        h.update(content)
+    h.update(f"extra:{extra}".encode())
+    return h.hexdigest()
+
+
+def images_root(cache: Path | None = None) -> Path:
+    """Return ``<cache>/images`` (created, mode 0755)."""
+    root = (cache if cache is not None else paths.cache_dir()) / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    _make_traversable(root)
+    # QEMU must traverse the cache root too; best effort if someone else owns it.
+    with contextlib.suppress(PermissionError):
+        _make_traversable(root.parent)
+    return root
+
+
+def entry_dir(name: str, digest: str, cache: Path | None = None) -> Path:
+    """Return the directory a complete build of ``name`` at ``digest`` lives in."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"image name {name!r} is invalid: use a plain word such as 'linux'")
+    if len(digest) < SHORT_DIGEST:
+        raise ValueError(f"digest {digest!r} is too short: pass the full sha256 hex digest")
+    return images_root(cache) / f"{name}-{digest[:SHORT_DIGEST]}"
+
+
+def lookup(name: str, digest: str, cache: Path | None = None) -> Path | None:
+    """Return the complete entry directory if it exists, else None."""
+    d = entry_dir(name, digest, cache)
+    return d if d.is_dir() else None
+
+
+@contextlib.contextmanager
+def entry_lock(name: str, digest: str, cache: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on one cache entry (blocks while another build runs)."""
+    final = entry_dir(name, digest, cache)
+    lock_path = final.parent / f".{final.name}.lock"
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def staging(name: str, digest: str, cache: Path | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success rename it to the entry.
+
+    The caller should hold :func:`entry_lock`. On an exception the temporary
+    directory is removed and the old entry (if any) is untouched. A complete
+    entry that already exists is replaced (a forced rebuild): the old one is
+    first renamed aside, so readers see either the old or the new directory.
+    """
+    final = entry_dir(name, digest, cache)
+    _remove_stale_staging(final)
+    tmp = final.parent / f".{final.name}{_STAGING_MARK}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(mode=DIR_MODE)
+    _make_traversable(tmp)
+    try:
+        yield tmp
+        _make_traversable(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+
+
+def _remove_stale_staging(final: Path) -> None:
+    """Delete staging directories left by builds whose process is gone (killed)."""
+    prefix = f".{final.name}{_STAGING_MARK}"
+    for d in final.parent.glob(f"{prefix}*"):
+        pid_text = d.name[len(prefix) :]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            _remove_tree(d)
+    for d in final.parent.glob(f".{final.name}.old-*"):
+        _remove_tree(d)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that first detaches mounts below ``path``.
+
+    A build killed inside debootstrap leaves proc/sys mounted in the rootfs;
+    rmtree must never descend into those.
+    """
+    base = str(path.resolve())
+    try:
+        with open("/proc/self/mounts") as fh:
+            points = [line.split()[1].replace("\\040", " ") for line in fh]
+    except OSError:
+        points = []
+    for mnt in sorted((m for m in points if m.startswith(base + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_traversable(path: Path) -> None:
+    """Add r-x for everyone on a directory (we may be running under a umask of 077)."""
+    mode = path.stat().st_mode & 0o7777
+    if mode & 0o555 != 0o555:
+        path.chmod(mode | 0o555)

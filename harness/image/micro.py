@@ -1,0 +1,228 @@
+"""Build the "micro" KVM guest: a boot-sector program that runs marked phases.
+
+The program is ``vm-images/micro/micro.asm``. The run token and the phase
+table are build parameters passed to nasm as ``-D`` defines (not bytes patched
+into a prebuilt binary), so nasm re-checks them and the source stays the only
+description of the layout. One nasm run yields two bootable forms of the same
+512-byte sector:
+
+* ``MicroImage.path``: a raw 1.44 MB floppy, booted by SeaBIOS with
+  ``-drive file=IMG,format=raw,if=floppy -boot a`` or, in libvirt, as
+  ``<disk type='file' device='floppy'>`` (add ``<readonly/>``) with ``<boot dev='fd'/>``.
+* ``MicroImage.rom_path``: a 64 KiB BIOS ROM replacing SeaBIOS, booted with
+  ``-bios ROM`` or libvirt ``<loader type='rom'>ROM</loader>``. It starts the
+  phases ~30 instructions after reset instead of after ~9 M emulated SeaBIOS
+  instructions, and cannot fail the way SeaBIOS's floppy driver does when a
+  per-event tracer slows emulation (its reads time out: "No bootable device").
+
+Phase ``k`` (1-based) writes every 16-bit word of ``pages`` 4 KiB pages,
+``repeat`` times over, in its own region: phases get consecutive, disjoint
+regions from physical 0x10000, so the sum of all pages is limited to 128.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.paths import VM_IMAGES_DIR
+
+#: The guest program's source.
+MICRO_SOURCE = VM_IMAGES_DIR / "micro" / "micro.asm"
+
+#: CPUID leaf of the shared phase marker; ECX = (token << 16) | phase.
+MARKER_LEAF = 0x4B564D00
+
+#: Limits enforced by the guest program's memory layout and tables.
+MAX_PHASES = 16
+MAX_PAGES = 128  # 0x10000 + 128 * 4 KiB = 0x90000, below the EBDA
+MAX_REPEAT = 0xFFFF  # a 16-bit pass counter
+MAX_TOKEN = 0xFFFF
+
+#: Physical address of the first touched byte and the page size used.
+REGION_BASE = 0x10000
+PAGE_SIZE = 4096
+
+#: Value the program writes to isa-debug-exit; QEMU exits with (value << 1) | 1.
+EXIT_VALUE = 1
+QEMU_EXIT_STATUS = (EXIT_VALUE << 1) | 1
+
+#: Emulated instructions per pass over one page: mov/add/loop per 16-bit word
+#: (2048 words) plus 8 instructions of page bookkeeping (see micro.asm).
+INSNS_PER_PAGE_PASS = 3 * (PAGE_SIZE // 2) + 8
+
+SECTOR_SIZE = 512
+ROM_SIZE = 0x10000  # QEMU maps a 64 KiB BIOS at 0xF0000 and below 4 GiB
+FLOPPY_SIZE = 1_474_560  # 1.44 MB: 80 cylinders * 2 heads * 18 sectors * 512
+BOOT_SIGNATURE = b"\x55\xaa"
+
+
+class MicroImageError(ValueError):
+    """Bad micro-guest parameters or a failed build; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class MicroPhase:
+    """One phase of the micro guest: write ``pages`` 4 KiB pages ``repeat`` times."""
+
+    name: str
+    pages: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class MicroImage:
+    """A built micro-guest floppy image.
+
+    ``path`` is the floppy image and ``digest`` the sha256 of its bytes;
+    ``rom_path`` is the same sector as a BIOS ROM, ``rom_digest`` its sha256.
+    Phase numbers in markers are ``index + 1`` into ``phases``.
+    """
+
+    path: Path
+    token: int
+    phases: tuple[MicroPhase, ...]
+    digest: str
+    rom_path: Path | None = None
+    rom_digest: str | None = None
+
+    def region(self, phase_number: int) -> tuple[int, int]:
+        """Physical ``[start, end)`` of the memory phase ``phase_number`` (1-based) writes."""
+        if not 1 <= phase_number <= len(self.phases):
+            raise IndexError(f"phase {phase_number} not in 1..{len(self.phases)}")
+        start = REGION_BASE + PAGE_SIZE * sum(p.pages for p in self.phases[: phase_number - 1])
+        return start, start + PAGE_SIZE * self.phases[phase_number - 1].pages
+
+
+def expected_loop_insns(phase: MicroPhase) -> int:
+    """Instructions the page-writing loops of ``phase`` execute (excluding ~20 of setup).
+
+    On a PVM host each one is a ``kvm:kvm_emulate_insn`` event.
+    """
+    return phase.repeat * phase.pages * INSNS_PER_PAGE_PASS
+
+
+def validate_micro_params(phases: Sequence[MicroPhase], token: int) -> None:
+    """Raise :class:`MicroImageError` naming the bad field and the fix."""
+    if isinstance(token, bool) or not isinstance(token, int) or not 1 <= token <= MAX_TOKEN:
+        raise MicroImageError(f"token: {token!r} is not an integer in 1..{MAX_TOKEN}")
+    if not 1 <= len(phases) <= MAX_PHASES:
+        raise MicroImageError(
+            f"phases: {len(phases)} given; the micro guest runs 1..{MAX_PHASES} phases"
+        )
+    seen: set[str] = set()
+    for i, ph in enumerate(phases):
+        where = f"phases[{i}]"
+        if not isinstance(ph, MicroPhase):
+            raise MicroImageError(f"{where}: expected MicroPhase, got {type(ph).__name__}")
+        if not isinstance(ph.name, str) or not ph.name.strip():
+            raise MicroImageError(f"{where}.name: must be a non-empty string")
+        if ph.name in seen:
+            raise MicroImageError(f"{where}.name: {ph.name!r} is used twice; names must be unique")
+        seen.add(ph.name)
+        for field, value, hi in (("pages", ph.pages, MAX_PAGES), ("repeat", ph.repeat, MAX_REPEAT)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise MicroImageError(
+                    f"{where}.{field} ({ph.name!r}): {value!r} is not an integer in 1..{hi}"
+                )
+    total = sum(p.pages for p in phases)
+    if total > MAX_PAGES:
+        raise MicroImageError(
+            f"phases: {total} pages in all; phases use disjoint regions from "
+            f"{REGION_BASE:#x} and at most {MAX_PAGES} pages fit below 0x90000. "
+            "Lower `pages` and raise `repeat` to keep the phase long"
+        )
+
+
+def _nasm() -> str:
+    nasm = shutil.which("nasm")
+    if nasm is None:
+        raise MicroImageError(
+            "nasm not found on PATH; the micro guest is assembled with it: apt-get install nasm"
+        )
+    return nasm
+
+
+def nasm_defines(phases: Sequence[MicroPhase], token: int) -> list[str]:
+    """The ``-D`` arguments that bake ``token`` and ``phases`` into micro.asm."""
+    return [
+        f"-DTOKEN={token}",
+        f"-DNPHASES={len(phases)}",
+        "-DPAGES=" + ",".join(str(p.pages) for p in phases),
+        "-DREPEATS=" + ",".join(str(p.repeat) for p in phases),
+    ]
+
+
+def assemble(phases: Sequence[MicroPhase], token: int) -> tuple[bytes, bytes]:
+    """Assemble micro.asm with the given parameters; return ``(sector, rom)``, both checked.
+
+    ``sector`` is the 512-byte boot sector, ``rom`` the 64 KiB BIOS ROM that
+    starts with those same 512 bytes.
+    """
+    validate_micro_params(phases, token)
+    with tempfile.TemporaryDirectory(prefix="micro-nasm-") as tmp:
+        out = Path(tmp) / "micro.rom"
+        cmd = [_nasm(), "-f", "bin", "-DBIOS_ROM", "-o", str(out),
+               *nasm_defines(phases, token), str(MICRO_SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise MicroImageError(
+                f"{MICRO_SOURCE}: nasm failed (exit {proc.returncode}): {proc.stderr.strip()}"
+            )
+        rom = out.read_bytes()
+    if len(rom) != ROM_SIZE:
+        raise MicroImageError(
+            f"{MICRO_SOURCE}: assembled to {len(rom)} bytes, expected a {ROM_SIZE}-byte ROM "
+            f"whose first {SECTOR_SIZE} bytes are the boot sector; keep the `times` padding"
+        )
+    sector = rom[:SECTOR_SIZE]
+    if sector[-2:] != BOOT_SIGNATURE:
+        raise MicroImageError(
+            f"{MICRO_SOURCE}: boot sector ends in {sector[-2:].hex()}, not the 55aa "
+            "boot signature (sector larger than 510 bytes of code?); the BIOS would not boot it"
+        )
+    return sector, rom
+
+
+def _write_readable(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically, mode 0644 (libvirt's QEMU runs as libvirt-qemu)."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".micro-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def build_micro_image(out_dir: Path, phases: Sequence[MicroPhase], token: int) -> MicroImage:
+    """Assemble the micro guest; write a raw 1.44 MB floppy and a BIOS ROM into ``out_dir``.
+
+    Files are named after the token and the floppy's digest, so several builds
+    can share ``out_dir``; they are written atomically and made world-readable
+    (libvirt runs QEMU as ``libvirt-qemu``). ``out_dir``'s parents must be
+    traversable by that user too when the image is used through libvirt.
+    Raises :class:`MicroImageError` for bad parameters or a failed build.
+    """
+    phases_t = tuple(phases)
+    sector, rom = assemble(phases_t, token)
+    image = sector + bytes(FLOPPY_SIZE - SECTOR_SIZE)
+    digest = hashlib.sha256(image).hexdigest()
+    rom_digest = hashlib.sha256(rom).hexdigest()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.chmod(out_dir.stat().st_mode | 0o755)
+    path = out_dir / f"micro-t{token}-{digest[:12]}.img"
+    rom_path = out_dir / f"micro-t{token}-{digest[:12]}.rom"
+    _write_readable(path, image)
+    _write_readable(rom_path, rom)
+    return MicroImage(path=path, token=token, phases=phases_t, digest=digest,
+                      rom_path=rom_path, rom_digest=rom_digest)

@@ -1,0 +1,90 @@
+"""Result-file models of the host trace: per-phase records and a run summary.
+
+Embedded in the result JSON; :class:`PhaseTrace` and :class:`TraceSummary` are
+the public seam to harness.results.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Attribution = Literal["guest-marker", "host-window"]
+TracerStatus = Literal["ok", "died", "not-started", "disabled"]
+
+
+class HistBucketModel(BaseModel):
+    """One log2 histogram bucket: ``count`` values in ``[low, high]``; low None = negative."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: int | None
+    high: int
+    count: int = Field(ge=0)
+
+
+class PhaseTrace(BaseModel):
+    """Host KVM events attributed to one workload phase of one VM (phase 0 = outside phases)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attribution: Attribution = Field(
+        description="guest-marker: exact, by the guest's cpuid markers; host-window: by the "
+        "harness's host markers around the guest command"
+    )
+    markers_seen: int = Field(ge=0, description="guest markers of this phase seen by the host")
+    host_marks_seen: int = Field(default=0, ge=0, description="host markers of this phase")
+    marker_ns: int | None = Field(
+        description="CLOCK_MONOTONIC ns of the first marker of the attribution used"
+    )
+    duration_ns: int | None = Field(
+        default=None,
+        description="time spent in this phase (closed intervals between markers), in-kernel",
+    )
+    exits: dict[str, int] = Field(default_factory=dict, description="exit reason -> count")
+    mmu_faults: dict[str, int] = Field(
+        default_factory=dict,
+        description="MMU fault source (ept_violation, ept_misconfig, npf, shadow_pf, "
+        "page_fault when the exit is not traced) -> count",
+    )
+    page_faults_by_error: dict[str, int] = Field(
+        default_factory=dict, description="fault_kind(error code) -> count"
+    )
+    mmu_events: dict[str, int] = Field(default_factory=dict, description="kvmmmu probe -> count")
+    cr3_writes: int = Field(default=0, ge=0)
+    cr_writes: dict[str, int] = Field(default_factory=dict, description="CR number -> writes")
+    root_loads: int | None = Field(
+        default=None, description="page-table root loads; None when no probe can see them"
+    )
+    emulated_insns: int = Field(default=0, ge=0)
+    pio: int = Field(default=0, ge=0)
+    mmio: int = Field(default=0, ge=0)
+    function_calls: dict[str, int] = Field(default_factory=dict, description="probe -> calls")
+    events_by_probe: dict[str, int] = Field(default_factory=dict, description="probe -> events")
+    events_total: int = Field(default=0, ge=0)
+    per_vcpu: dict[str, int] = Field(default_factory=dict, description="vCPU thread id -> events")
+    latency_ns: dict[str, list[HistBucketModel]] = Field(default_factory=dict)
+
+
+class ProbeNotAttached(BaseModel):
+    """A catalogue probe that was not attached, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probe: str
+    reason: str
+
+
+class TraceSummary(BaseModel):
+    """What the tracer did during a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probes_attached: list[str] = Field(default_factory=list)
+    probes_not_attached: list[ProbeNotAttached] = Field(default_factory=list)
+    events_total: int = Field(default=0, ge=0)
+    lost_events: int = Field(default=0, ge=0)
+    tracer_status: TracerStatus
+    tracer_error: str | None = None
+    program_sha256: str | None = None

@@ -1,0 +1,205 @@
+"""Parse bpftrace 0.17 ``-f json`` output into typed maps keyed by tuples of ints.
+
+bpftrace prints one JSON object per line::
+
+    {"type": "attached_probes", "data": {"probes": 5}}
+    {"type": "map", "data": {"@ev": {"123,1,0,3": 7}}}     # keyed map
+    {"type": "map", "data": {"@dump_done": 2}}              # scalar map, key ()
+    {"type": "hist", "data": {"@lat": {"123,1,0,0": [{"min": 0, "max": 0, "count": 1}]}}}
+    {"type": "lost_events", "data": {"events": 10}}
+
+Histogram buckets of negative values have no "min". An empty map prints
+nothing at all, so a map missing from a dump is empty.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+Key = tuple[int, ...]
+CounterMap = dict[Key, int]
+
+
+@dataclass(frozen=True)
+class HistBucket:
+    """One log2 bucket: values in ``[low, high]`` (inclusive); ``low`` None = -inf."""
+
+    low: int | None
+    high: int
+    count: int
+
+
+HistMap = dict[Key, tuple[HistBucket, ...]]
+
+
+class TraceParseError(ValueError):
+    """A bpftrace output line that does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class Attached:
+    """bpftrace attached all probes (``attached_probes``)."""
+
+    probes: int
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """A printed counter/sum/value map (name without the ``@``)."""
+
+    name: str
+    values: CounterMap
+
+
+@dataclass(frozen=True)
+class HistOutput:
+    """A printed histogram map (name without the ``@``)."""
+
+    name: str
+    values: HistMap
+
+
+@dataclass(frozen=True)
+class LostEvents:
+    """bpftrace reported lost perf events (printf/print messages, not map updates)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class OtherOutput:
+    """Any other message type (printf, time, ...), kept as raw JSON."""
+
+    type: str
+    data: object
+
+
+Output = Attached | MapOutput | HistOutput | LostEvents | OtherOutput
+
+
+def parse_key(text: str, map_name: str = "?") -> Key:
+    """``"1,2,3"`` -> ``(1, 2, 3)``; raises TraceParseError for non-integer parts."""
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise TraceParseError(
+            f"map @{map_name}: key {text!r} is not a comma-separated list of integers; "
+            "the harness only generates integer-keyed maps"
+        ) from None
+
+
+def _int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceParseError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _single_map(data: object, kind: str) -> tuple[str, object]:
+    if not isinstance(data, dict) or len(data) != 1:
+        raise TraceParseError(f"{kind} message: data must hold exactly one map, got {data!r}")
+    ((name, body),) = data.items()
+    if not isinstance(name, str) or not name.startswith("@"):
+        raise TraceParseError(f"{kind} message: map name {name!r} does not start with '@'")
+    return name[1:], body
+
+
+def _buckets(raw: object, where: str) -> tuple[HistBucket, ...]:
+    if not isinstance(raw, list):
+        raise TraceParseError(f"{where}: histogram must be a list of buckets, got {raw!r}")
+    out: list[HistBucket] = []
+    for b in raw:
+        if not isinstance(b, dict) or "max" not in b or "count" not in b:
+            raise TraceParseError(f"{where}: bad histogram bucket {b!r}")
+        low = None if "min" not in b else _int(b["min"], where)
+        out.append(HistBucket(low, _int(b["max"], where), _int(b["count"], where)))
+    return tuple(out)
+
+
+def parse_line(line: str) -> Output | None:
+    """Parse one stdout line; None for blank lines (bpftrace prints some)."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        msg = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceParseError(f"not JSON ({e}): {line[:200]!r}") from None
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise TraceParseError(f"JSON without a 'type': {line[:200]!r}")
+    kind, data = msg["type"], msg.get("data")
+    if kind == "attached_probes":
+        if not isinstance(data, dict):
+            raise TraceParseError(f"attached_probes without data: {line!r}")
+        return Attached(_int(data.get("probes"), "attached_probes.probes"))
+    if kind == "lost_events":
+        if not isinstance(data, dict):
+            raise TraceParseError(f"lost_events without data: {line!r}")
+        return LostEvents(_int(data.get("events"), "lost_events.events"))
+    if kind == "map":
+        name, body = _single_map(data, kind)
+        if isinstance(body, dict):
+            return MapOutput(
+                name,
+                {parse_key(k, name): _int(v, f"map @{name}[{k}]") for k, v in body.items()},
+            )
+        return MapOutput(name, {(): _int(body, f"map @{name}")})
+    if kind == "hist":
+        name, body = _single_map(data, kind)
+        if isinstance(body, dict):
+            return HistOutput(
+                name, {parse_key(k, name): _buckets(v, f"hist @{name}[{k}]")
+                       for k, v in body.items()}
+            )
+        return HistOutput(name, {(): _buckets(body, f"hist @{name}")})
+    return OtherOutput(str(kind), data)
+
+
+@dataclass
+class TraceSnapshot:
+    """Cumulative maps at one moment (a completed dump, or bpftrace's exit output).
+
+    ``seq`` is the dump sequence number, None for the final (exit) output.
+    Maps that were empty are simply absent: use :meth:`counter` / :meth:`hist`.
+    """
+
+    counters: dict[str, CounterMap] = field(default_factory=dict)
+    hists: dict[str, HistMap] = field(default_factory=dict)
+    seq: int | None = None
+    final: bool = False
+    lost_events: int = 0
+    stderr_tail: str = ""
+    taken_ns: int = 0
+
+    def counter(self, name: str) -> CounterMap:
+        """Counter map ``@name`` (empty when it was not printed)."""
+        return self.counters.get(name, {})
+
+    def hist(self, name: str) -> HistMap:
+        """Histogram map ``@name`` (empty when it was not printed)."""
+        return self.hists.get(name, {})
+
+    def add(self, out: Output) -> None:
+        """Fold one parsed map message into the snapshot (later prints replace earlier)."""
+        if isinstance(out, MapOutput):
+            self.counters[out.name] = out.values
+        elif isinstance(out, HistOutput):
+            self.hists[out.name] = out.values
+
+
+def snapshot_from_lines(lines: Iterable[str]) -> TraceSnapshot:
+    """Build one snapshot from raw output lines (all maps; later prints win)."""
+    snap = TraceSnapshot(final=True)
+    for line in lines:
+        out = parse_line(line)
+        if isinstance(out, LostEvents):
+            snap.lost_events += out.count
+        elif out is not None:
+            snap.add(out)
+    return snap
+
+
+def select_pid(m: Mapping[Key, int], pid: int) -> CounterMap:
+    """Entries of a pid-first map that belong to ``pid``, with the pid dropped from the key."""
+    return {k[1:]: v for k, v in m.items() if k and k[0] == pid}

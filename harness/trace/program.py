@@ -1,0 +1,375 @@
+"""Generate the one bpftrace program that traces all VMs under test.
+
+Everything is aggregated in the kernel (bpftrace maps), keyed by the QEMU pid,
+the current guest-marker phase and the current host-window phase, so output
+grows with phases x keys and never with the event count. The harness fetches
+cumulative maps on demand (a "dump" host marker) and bpftrace prints them all
+again when it exits.
+
+Map layout (every key is an integer; probe ids are catalogue indices,
+:func:`harness.trace.probes.probe_id`):
+
+=====================================  ==========================================
+``@gphase[pid]``                        current guest-marker phase of a VM
+``@hphase[pid]``                        current host-window phase of a VM
+``@markers[pid, phase]``                guest markers seen (count)
+``@marker_ns[pid, phase]``              first guest marker, ``nsecs`` (CLOCK_MONOTONIC)
+``@gdur[pid, phase]``                   ns spent in a guest phase (closed intervals)
+``@hmarks[pid, phase]``                 host markers seen (count)
+``@hmark_ns[pid, phase]``               first host marker, ``nsecs``
+``@hdur[pid, phase]``                   ns spent in a host window (closed intervals)
+``@ev[pid, g, h, probe]``               events per probe and phase pair
+``@total[pid, probe]``                  events per probe, unphased
+``@vcpu[pid, tid, g, h]``               events per vCPU thread and phase pair
+``@exits[pid, g, h, isa, reason]``      kvm_exit by ISA and exit reason
+``@pf[pid, g, h, isa, reason, ec]``     kvm_page_fault by the preceding exit and error code
+``@crw[pid, g, h, cr]``                 control-register writes by register
+``@lat[pid, g, h, latency]``            log2 histograms of paired-probe latencies
+``@dump_done``                          sequence number of the last completed dump
+=====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from harness.trace.probes import MARKER_PROBE, ProbeStatus, probe_id
+
+#: CPUID leaf of guest phase markers (ECX = (token << 16) | phase).
+GUEST_MARKER_LEAF: Final = 0x4B564D00
+#: getpriority(which, who) values of host markers: phase and dump requests.
+HOST_MARKER_WHICH: Final = 0x4B564D00
+HOST_DUMP_WHICH: Final = 0x4B564D01
+
+#: printf of the BEGIN block, followed by the session number.
+READY_MESSAGE: Final = "harness-tracer-ready"
+
+#: Latency histograms: id in ``@lat`` -> (name, start probe, end probe).
+LATENCIES: Final[dict[int, tuple[str, str, str]]] = {
+    0: ("exit_to_entry", "kvm_exit", "kvm_entry"),
+    1: ("page_fault_to_entry", "kvm_page_fault", "kvm_entry"),
+}
+
+#: Maps printed by a dump, in order. ``@dump_done`` always comes last.
+RESULT_MAPS: Final = (
+    "gphase", "hphase", "markers", "marker_ns", "gdur", "hmarks", "hmark_ns", "hdur",
+    "ev", "total", "vcpu", "exits", "pf", "crw", "lat",
+)
+
+
+class ProgramError(ValueError):
+    """Bad generator input, or bpftrace rejected a generated program."""
+
+
+@dataclass(frozen=True)
+class TraceTarget:
+    """A VM under test: its QEMU process and the run token its guest markers carry."""
+
+    vm: str
+    pid: int
+    token: int
+
+
+@dataclass(frozen=True)
+class TraceProgram:
+    """A generated program and what it was generated from."""
+
+    text: str
+    targets: tuple[TraceTarget, ...]
+    attached: tuple[ProbeStatus, ...]
+    not_attached: tuple[ProbeStatus, ...]
+    session: int
+    latencies: tuple[int, ...]
+    maps: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the program text (recorded in results)."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def probe_names(self) -> dict[int, str]:
+        """Probe id -> name for the probes in this program."""
+        return {probe_id(s.probe.name): s.probe.name for s in self.attached}
+
+    def target(self, pid: int) -> TraceTarget:
+        """The target with QEMU pid ``pid``."""
+        for t in self.targets:
+            if t.pid == pid:
+                return t
+        raise KeyError(f"pid {pid} is not a target of this program")
+
+
+def _validate_targets(targets: Sequence[TraceTarget]) -> None:
+    if not targets:
+        raise ProgramError("targets: at least one TraceTarget (QEMU pid + token) is needed")
+    pids: set[int] = set()
+    tokens: set[int] = set()
+    for i, t in enumerate(targets):
+        where = f"targets[{i}] ({t.vm!r})"
+        if not isinstance(t.pid, int) or isinstance(t.pid, bool) or t.pid <= 0:
+            raise ProgramError(f"{where}.pid: {t.pid!r} is not a positive process id")
+        if not isinstance(t.token, int) or isinstance(t.token, bool) or not 1 <= t.token <= 0xFFFF:
+            raise ProgramError(f"{where}.token: {t.token!r} is not in 1..65535")
+        if t.pid in pids:
+            raise ProgramError(f"{where}.pid: {t.pid} is listed twice; one target per QEMU")
+        if t.token in tokens:
+            raise ProgramError(f"{where}.token: {t.token} is used twice; tokens must differ")
+        pids.add(t.pid)
+        tokens.add(t.token)
+
+
+def generate(
+    statuses: Sequence[ProbeStatus],
+    targets: Sequence[TraceTarget],
+    *,
+    session: int | None = None,
+) -> TraceProgram:
+    """Generate one bpftrace program for the available probes in ``statuses``.
+
+    Unavailable probes are left out (and listed in ``not_attached``). The
+    ``session`` (1..65535, random by default) is carried by dump requests so
+    that another harness on the same host cannot trigger this program's dumps.
+    """
+    _validate_targets(targets)
+    if session is None:
+        session = secrets.randbelow(0xFFFF) + 1
+    if not 1 <= session <= 0xFFFF:
+        raise ProgramError(f"session: {session} is not in 1..65535")
+    attached = tuple(s for s in statuses if s.available and s.attach)
+    not_attached = tuple(s for s in statuses if not (s.available and s.attach))
+    names = {s.probe.name for s in attached}
+    latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
+    gen = _Gen(tuple(targets), attached, names, latencies, session)
+    text = gen.render()
+    return TraceProgram(
+        text=text,
+        targets=tuple(targets),
+        attached=attached,
+        not_attached=not_attached,
+        session=session,
+        latencies=latencies,
+        maps=gen.maps_used(),
+    )
+
+
+class _Gen:
+    """Renders the program text; one instance per :func:`generate` call."""
+
+    def __init__(
+        self,
+        targets: tuple[TraceTarget, ...],
+        attached: tuple[ProbeStatus, ...],
+        names: set[str],
+        latencies: tuple[int, ...],
+        session: int,
+    ) -> None:
+        self.targets = targets
+        self.attached = attached
+        self.names = names
+        self.latencies = latencies
+        self.session = session
+        self.guest_markers = MARKER_PROBE in names
+
+    def maps_used(self) -> tuple[str, ...]:
+        used = {"hphase", "hmarks", "hmark_ns", "hdur", "ev", "total", "vcpu"}
+        if self.guest_markers:
+            used |= {"gphase", "markers", "marker_ns", "gdur"}
+        if "kvm_exit" in self.names:
+            used.add("exits")
+        if "kvm_page_fault" in self.names:
+            used.add("pf")
+        if "kvm_cr" in self.names:
+            used.add("crw")
+        if self.latencies:
+            used.add("lat")
+        return tuple(m for m in RESULT_MAPS if m in used)
+
+    def pid_filter(self) -> str:
+        return " || ".join(f"pid == {t.pid}" for t in self.targets)
+
+    def render(self) -> str:
+        parts = [self.header(), self.begin_block(), self.host_marker_block()]
+        for s in self.attached:
+            parts.append(self.probe_block(s))
+        parts.append(self.end_block())
+        return "\n".join(parts)
+
+    def header(self) -> str:
+        lines = [
+            "// Generated by harness.trace.program: host KVM tracing per VM and workload phase.",
+            "// Every aggregate is keyed by (pid, guest-marker phase g, host-window phase h, ...).",
+            "// Targets (vm: QEMU pid, marker token):",
+        ]
+        lines += [f"//   {t.vm}: pid {t.pid}, token {t.token}" for t in self.targets]
+        lines.append("// Probes (id name <- bpftrace probe):")
+        lines += [f"//   {probe_id(s.probe.name):2d} {s.probe.name} <- {s.attach}"
+                  for s in self.attached]
+        for i in self.latencies:
+            name, a, b = LATENCIES[i]
+            lines.append(f"// Latency {i} {name}: {a} -> next {b} on the same thread")
+        lines.append(f"// Dump session {self.session}")
+        return "\n".join(lines) + "\n"
+
+    def begin_block(self) -> str:
+        return (
+            "// bpftrace prints attached_probes *before* it attaches; BEGIN runs after every\n"
+            "// probe is attached, so this line is the runner's proof that tracing is live.\n"
+            f'BEGIN {{ printf("{READY_MESSAGE} %d\\n", {self.session}); }}\n'
+        )
+
+    @staticmethod
+    def _phase_switch(kind: str, pid: str, phase: str) -> list[str]:
+        """Statements that move VM ``pid`` to ``phase`` (kind "g" guest, "h" host)."""
+        cur, start, dur = f"@{kind}phase", f"@{kind}start", f"@{kind}dur"
+        marks, first = ("@markers", "@marker_ns") if kind == "g" else ("@hmarks", "@hmark_ns")
+        return [
+            f"$old = {cur}[{pid}];",
+            "// Close the running interval so per-phase durations are exact.",
+            f"if ({start}[{pid}] != 0) {{ {dur}[{pid}, $old] = sum(nsecs - {start}[{pid}]); }}",
+            f"{start}[{pid}] = nsecs;",
+            f"{cur}[{pid}] = {phase};",
+            f"{marks}[{pid}, {phase}] = count();",
+            f"if ({first}[{pid}, {phase}] == 0) {{ {first}[{pid}, {phase}] = nsecs; }}",
+        ]
+
+    def host_marker_block(self) -> str:
+        """getpriority() from the harness: host phase windows and dump requests."""
+        out = [
+            "// Host markers: the harness calls getpriority(which, who), which fails with EINVAL.",
+            f"//   which {HOST_MARKER_WHICH:#x}: who = (token << 16) | phase -> @hphase of that VM",
+            f"//   which {HOST_DUMP_WHICH:#x}: who = (session << 16) | seq -> print all maps",
+            "// The call comes from the harness, not QEMU, so the token selects the VM.",
+            "tracepoint:syscalls:sys_enter_getpriority",
+            f"/args->which == {HOST_MARKER_WHICH:#x} || args->which == {HOST_DUMP_WHICH:#x}/",
+            "{",
+            "  $who = (uint64)args->who & 0xffffffff;",
+            f"  if (args->which == {HOST_MARKER_WHICH:#x}) {{",
+            "    $ph = $who & 0xffff;",
+        ]
+        for t in self.targets:
+            out.append(f"    if (($who >> 16) == {t.token}) {{  // {t.vm}")
+            out += [f"      {s}" for s in self._phase_switch("h", f"(uint64){t.pid}", "$ph")]
+            out.append("    }")
+        out.append(f"  }} else if (($who >> 16) == {self.session}) {{")
+        out.append("    // Dump: all maps, then @dump_done so the reader knows it is complete.")
+        out += [f"    print(@{m});" for m in self.maps_used()]
+        out.append("    @dump_done = $who & 0xffff;")
+        out.append("    print(@dump_done);")
+        out.append("  }")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+    def common(self, name: str) -> list[str]:
+        """Per-event bookkeeping shared by every probe: phase lookup and counters."""
+        ident = probe_id(name)
+        return [
+            "$g = @gphase[pid];" if self.guest_markers else "$g = (uint64)0;",
+            "$h = @hphase[pid];",
+            f"@ev[pid, $g, $h, {ident}] = count();",
+            f"@total[pid, {ident}] = count();",
+            "@vcpu[pid, tid, $g, $h] = count();",
+        ]
+
+    def probe_block(self, s: ProbeStatus) -> str:
+        name = s.probe.name
+        body: list[str] = []
+        if name == MARKER_PROBE:
+            conds = " || ".join(
+                f"(pid == {t.pid} && (args->index >> 16) == {t.token})" for t in self.targets
+            )
+            body += [
+                "// Guest phase marker: cpuid leaf 0x4B564D00, ECX = (token << 16) | phase.",
+                f"if (args->function == {GUEST_MARKER_LEAF:#x} && ({conds})) {{",
+                "  $ph = (uint64)(args->index & 0xffff);",
+            ]
+            body += [f"  {x}" for x in self._phase_switch("g", "pid", "$ph")]
+            body.append("}")
+        body += self.common(name)
+        if name == "kvm_exit":
+            body.append("@exits[pid, $g, $h, args->isa, args->exit_reason] = count();")
+            if "kvm_page_fault" in self.names:
+                body.append("// Remember the exit so the page fault it causes can name it.")
+                body.append("@lx[tid] = ((uint64)args->isa << 32) | args->exit_reason;")
+            if 0 in self.latencies:
+                body.append("@t_exit[tid] = nsecs;")
+        elif name == "kvm_page_fault":
+            if "kvm_exit" in self.names:
+                body.append("$lx = @lx[tid];")
+                body.append(
+                    "@pf[pid, $g, $h, $lx >> 32, $lx & 0xffffffff, args->error_code] = count();"
+                )
+            else:
+                body.append("// kvm_exit is not traced: the causing exit is unknown (0, 0).")
+                body.append("@pf[pid, $g, $h, 0, 0, args->error_code] = count();")
+            if 1 in self.latencies:
+                body.append("@t_pf[tid] = nsecs;")
+        elif name == "kvm_cr":
+            body.append("if (args->rw == 1) { @crw[pid, $g, $h, args->cr] = count(); }")
+        elif name == "kvm_entry":
+            for i, tmp in ((0, "@t_exit"), (1, "@t_pf")):
+                if i in self.latencies:
+                    body.append(f"if ({tmp}[tid] != 0) {{")
+                    body.append(f"  @lat[pid, $g, $h, {i}] = hist(nsecs - {tmp}[tid]);")
+                    body.append(f"  delete({tmp}[tid]);")
+                    body.append("}")
+        head = [f"// {name}: {s.probe.question}", s.attach or "", f"/{self.pid_filter()}/", "{"]
+        return "\n".join(head + [f"  {b}" for b in body] + ["}"]) + "\n"
+
+    def end_block(self) -> str:
+        temps = ["@gstart", "@hstart"] if self.guest_markers else ["@hstart"]
+        if "kvm_exit" in self.names and "kvm_page_fault" in self.names:
+            temps.append("@lx")
+        if 0 in self.latencies:
+            temps.append("@t_exit")
+        if 1 in self.latencies:
+            temps.append("@t_pf")
+        clears = " ".join(f"clear({m});" for m in temps)
+        return f"// Per-thread scratch maps are not results.\nEND {{ {clears} }}\n"
+
+
+_NOISE = re.compile(r"RLIMIT_MEMLOCK|available_filter_functions")
+
+
+def stderr_filter(text: str) -> str:
+    """bpftrace stderr without the harmless RLIMIT_MEMLOCK / filter-function warnings."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        # bpftrace 0.17 glues the two warnings onto one line without a newline.
+        for piece in re.split(r"(?<=Operation not permitted)(?=ERROR)", line):
+            if piece.strip() and not _NOISE.search(piece):
+                kept.append(piece)
+    return "\n".join(kept)
+
+
+def check_program(text: str, bpftrace: str = "bpftrace", timeout_s: float = 60) -> None:
+    """Let bpftrace parse, type-check and compile ``text`` without attaching (``-d``).
+
+    bpftrace 0.17 has no ``--dry-run``; ``-d`` runs the whole front end and
+    code generation and exits. Raises :class:`ProgramError` with bpftrace's
+    messages when the program is rejected.
+    """
+    with tempfile.TemporaryDirectory(prefix="bt-check-") as tmp:
+        path = Path(tmp) / "program.bt"
+        path.write_text(text)
+        proc = subprocess.run(
+            [bpftrace, "-d", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise ProgramError(
+            f"bpftrace rejected the generated program (exit {proc.returncode}):\n"
+            f"{stderr_filter(proc.stderr)}"
+        )

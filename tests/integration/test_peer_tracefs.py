@@ -1,0 +1,126 @@
+"""The tracefs peer (tests/bench/peer_tracefs.py) recording the micro guest for real."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.image.micro import (
+    MARKER_LEAF,
+    QEMU_EXIT_STATUS,
+    MicroImage,
+    MicroPhase,
+    build_micro_image,
+)
+from tests.bench.peer_tracefs import INSTANCE_PREFIX, TRACEFS, TracefsRecorder
+from tests.integration.test_micro_guest import _kvm_usable, _qmp
+
+pytestmark = pytest.mark.integration
+
+# Small on purpose: ~25 k kvm events, far below what the ring buffer holds,
+# so nothing may be lost and every marker must be in the recording.
+PHASES = (MicroPhase("one", 1), MicroPhase("two", 2))
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> MicroImage:
+    reason = _kvm_usable()
+    if reason:
+        pytest.skip(reason)
+    return build_micro_image(tmp_path / "img", PHASES, token=0x5EE5)
+
+
+class _PausedQemu:
+    """QEMU booting the micro ROM, paused until :meth:`run` (so its pid is known first)."""
+
+    def __init__(self, image: MicroImage, work: Path) -> None:
+        assert image.rom_path is not None
+        self.sock = work / "qmp.sock"
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
+             "-no-reboot", "-nodefaults", "-S", "-qmp", f"unix:{self.sock},server=on,wait=off",
+             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios", str(image.rom_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def run(self) -> int:
+        for _ in range(100):
+            if self.sock.exists():
+                break
+            time.sleep(0.05)
+        _qmp(self.sock, "cont")
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture()
+def qemu(image: MicroImage, tmp_path: Path) -> Iterator[_PausedQemu]:
+    q = _PausedQemu(image, tmp_path)
+    try:
+        yield q
+    finally:
+        q.kill()
+
+
+def _marker_records(image: MicroImage) -> list[bytes]:
+    # kvm_cpuid's payload starts with `function` then `index` (u32 each, see its format).
+    ks = [*range(1, len(image.phases) + 1), 0]
+    return [struct.pack("<II", MARKER_LEAF, (image.token << 16) | k) for k in ks]
+
+
+def _instances() -> list[str]:
+    return sorted(p.name for p in (TRACEFS / "instances").glob(f"{INSTANCE_PREFIX}*"))
+
+
+@pytest.mark.timeout(120)
+def test_records_the_guests_kvm_events(
+    image: MicroImage, qemu: _PausedQemu, tmp_path: Path
+) -> None:
+    out = tmp_path / "rec"
+    before = _instances()
+    with TracefsRecorder(out, ("kvm", "kvmmmu"), pid=qemu.proc.pid) as rec:
+        assert rec.stats().pids and qemu.proc.pid in rec.stats().pids
+        status = qemu.run()
+    stats = rec.stats()
+    assert status == QEMU_EXIT_STATUS
+    data = b"".join(p.read_bytes() for p in sorted(out.glob("cpu*.raw")))
+    assert len(data) == stats.bytes_written > 0
+    assert stats.lost == 0, stats
+    assert stats.read_events > 1000  # ~25 k expected on PVM (each instruction)
+    for record in _marker_records(image):
+        assert data.count(record) == 1, record.hex()
+    assert _instances() == before, "the recorder must remove its tracefs instance"
+
+
+@pytest.mark.timeout(120)
+def test_pid_filter_excludes_other_processes(
+    image: MicroImage, qemu: _PausedQemu, tmp_path: Path
+) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with TracefsRecorder(tmp_path / "rec", ("kvm",), pid=sleeper.pid) as rec:
+            assert qemu.run() == QEMU_EXIT_STATUS
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    data = b"".join(p.read_bytes() for p in (tmp_path / "rec").glob("cpu*.raw"))
+    assert rec.stats().read_events == 0
+    for record in _marker_records(image):
+        assert record not in data
+
+
+def test_bad_system_is_named(tmp_path: Path) -> None:
+    if not (TRACEFS / "instances").is_dir():
+        pytest.skip("tracefs not mounted")
+    with pytest.raises(ValueError, match="no event system 'kvmx'"):
+        TracefsRecorder(tmp_path, ("kvmx",))
+

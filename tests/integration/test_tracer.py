@@ -1,0 +1,304 @@
+"""The host tracer against real bpftrace, real QEMU/KVM and the micro guest.
+
+The micro guest (vm-images/micro) runs marked phases whose instruction counts
+are known exactly; on a PVM host every guest instruction is emulated and
+fires kvm:kvm_emulate_insn, so per-phase counts can be checked against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from harness.image.micro import (
+    QEMU_EXIT_STATUS,
+    MicroImage,
+    MicroPhase,
+    build_micro_image,
+    expected_loop_insns,
+)
+from harness.trace import probes as P
+from harness.trace.correlate import phase_traces, unphased_totals
+from harness.trace.parse import TraceSnapshot
+from harness.trace.program import TraceTarget
+from harness.trace.runner import Tracer, TracerError, host_marker
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="bpftrace needs root"),
+    pytest.mark.skipif(shutil.which("bpftrace") is None, reason="bpftrace not installed"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed"),
+    pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm (micro guest) not installed"),
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm"),
+    pytest.mark.skipif(
+        not Path("/sys/kernel/tracing/events/kvm").is_dir(),
+        reason="kvm tracepoints not visible: mount -t tracefs nodev /sys/kernel/tracing",
+    ),
+]
+
+GUEST_TIMEOUT_S = 120
+
+
+class PausedMicroVM:
+    """QEMU running the micro guest, started paused (-S) so a tracer can attach first."""
+
+    def __init__(self, image: MicroImage, workdir: Path) -> None:
+        self.qmp_path = workdir / f"qmp-{image.token}.sock"
+        self.qmp_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
+                "-no-reboot", "-nodefaults",
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-drive", f"file={image.path},format=raw,if=floppy", "-boot", "a",
+                # SeaBIOS sometimes waits minutes in HLT when every instruction is
+                # emulated slowly and the in-kernel PIT re-injects lost ticks.
+                "-global", "kvm-pit.lost_tick_policy=discard",
+                "-S", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 10
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start: {self.proc.stderr}")
+            time.sleep(0.02)
+        self.pid = self.proc.pid
+
+    def cont(self) -> int:
+        """Resume the vCPU over QMP; returns time.monotonic_ns() just before the command."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.qmp_path))
+            f = s.makefile("rw")
+            f.readline()  # greeting
+            for cmd in ("qmp_capabilities", "cont"):
+                if cmd == "cont":
+                    t = time.monotonic_ns()
+                f.write(json.dumps({"execute": cmd}) + "\n")
+                f.flush()
+                reply = json.loads(f.readline())
+                while "event" in reply:
+                    reply = json.loads(f.readline())
+                assert "return" in reply, reply
+        return t
+
+    def wait(self, timeout_s: float = GUEST_TIMEOUT_S) -> int:
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def micro_vm(image: MicroImage, workdir: Path) -> Iterator[PausedMicroVM]:
+    vm = PausedMicroVM(image, workdir)
+    try:
+        yield vm
+    finally:
+        vm.kill()
+
+
+@contextlib.contextmanager
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is not a KVM guest at all."""
+    p = subprocess.Popen(["sleep", "300"])
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie that is not ours to reap would still answer; check its state.
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    return True
+
+
+def run_traced(
+    tmp_path: Path, phases: Sequence[MicroPhase], groups: Sequence[str], token: int
+) -> tuple[Tracer, TraceSnapshot, TraceTarget, int, int]:
+    """Run the micro guest under a tracer; return (tracer, final snapshot, target, cont, pid)."""
+    image = build_micro_image(tmp_path / "img", phases, token)
+    with micro_vm(image, tmp_path) as vm, Tracer(
+        P.select(groups), [TraceTarget("micro", vm.pid, token)], workdir=tmp_path / "trace"
+    ) as tracer:
+        target = tracer.program.targets[0]
+        tracer.start()
+        cont_ns = vm.cont()
+        assert vm.wait() == QEMU_EXIT_STATUS
+        final = tracer.stop()
+        bpftrace_pid = tracer._proc.pid if tracer._proc else -1
+    assert _process_gone(bpftrace_pid), "bpftrace survived the tracer"
+    return tracer, final, target, cont_ns, bpftrace_pid
+
+
+def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path) -> None:
+    phases = [MicroPhase("small", 16, 2), MicroPhase("double", 32, 2), MicroPhase("again", 16, 2)]
+    tracer, final, target, cont_ns, _ = run_traced(tmp_path, phases, ["all"], token=0x5A17)
+    assert tracer.status == "ok" and tracer.error is None
+    assert tracer.attached_ns is not None and tracer.attached_ns < cont_ns
+
+    pt = phase_traces(final, target, [1, 2, 3], attached=P.GROUPS["all"])
+    # Every marker executed is seen exactly once, by the guest-marker method.
+    for k in (0, 1, 2, 3):
+        assert pt[k].markers_seen == 1, k
+        assert pt[k].attribution == "guest-marker"
+    first_marker = min(t.marker_ns for t in pt.values() if t.marker_ns is not None)
+    assert first_marker > tracer.attached_ns, "guest ran before the tracer was attached"
+
+    # Events between marker k and k+1 are phase k's: the loop instructions plus the
+    # handful of setup instructions, the marker's own cpuid, and nothing else.
+    for k, ph in enumerate(phases, start=1):
+        loop = expected_loop_insns(ph)
+        assert loop <= pt[k].emulated_insns <= loop + 64, (k, pt[k].emulated_insns, loop)
+        assert pt[k].events_by_probe.get("kvm_cpuid") == 1
+        assert pt[k].duration_ns is not None and pt[k].duration_ns > 0
+    assert pt[0].emulated_insns > 0  # the BIOS ran in phase 0
+
+    # Per-phase totals including phase 0 add up exactly to the unphased totals.
+    totals = unphased_totals(final, target)
+    for name, n in totals.items():
+        assert sum(t.events_by_probe.get(name, 0) for t in pt.values()) == n, name
+    assert sum(t.events_total for t in pt.values()) == sum(totals.values())
+    assert tracer.summary(final).events_total == sum(totals.values())
+
+    # Twice the pages, about twice the emulation work.
+    ratio = pt[2].emulated_insns / pt[1].emulated_insns
+    assert 1.95 < ratio < 2.05, ratio
+
+    secs = sum(pt[k].duration_ns or 0 for k in (1, 2, 3)) / 1e9
+    events = sum(pt[k].events_total for k in (1, 2, 3))
+    print(f"\nmicro guest, all probes: {events} events in phases 1-3 over {secs:.3f} s "
+          f"= {events / secs:,.0f} events/s; durations ms "
+          f"{[round((pt[k].duration_ns or 0) / 1e6, 1) for k in (1, 2, 3)]}; "
+          f"lost events {final.lost_events}")
+
+
+def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
+    with sleeper() as p, Tracer(
+        P.select(["default"]), [TraceTarget("idle", p.pid, 77)], workdir=tmp_path
+    ) as tracer:
+        tracer.start()
+        t = tracer.program.targets[0]
+        first = tracer.snapshot()
+        tracer.mark_phase(t, 1)
+        second = tracer.snapshot()
+        assert first.seq is not None and second.seq == first.seq + 1
+        assert first.counter("hmarks") == {}
+        assert second.counter("hmarks") == {(p.pid, 1): 1}
+        summary = tracer.summary(second)
+        assert summary.tracer_status == "ok"
+        assert "kvm_cpuid" in summary.probes_attached
+        assert len(summary.program_sha256 or "") == 64
+        # Probes this host cannot offer are listed with their reasons.
+        offered = {s.probe.name for s in P.availability(P.select(["default"])) if s.available}
+        assert {x.probe for x in summary.probes_not_attached} == (
+            {p.name for p in P.select(["default"])} - offered)
+        assert all(x.reason for x in summary.probes_not_attached)
+        assert (tmp_path / "trace.bt").read_text() == tracer.program.text
+        tracer.stop()
+    assert (tmp_path / "trace.jsonl").stat().st_size > 0
+
+
+def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) -> None:
+    with sleeper() as p, Tracer(
+        P.select(["default"]), [TraceTarget("not-a-guest", p.pid, 4321)], workdir=tmp_path
+    ) as tracer:
+        tracer.start()
+        t = tracer.program.targets[0]
+        before = time.monotonic_ns()
+        at1 = tracer.mark_phase(t, 1)
+        for _ in range(3):
+            host_marker(0x4B564D00, (999 << 16) | 5)  # another run's token: ignored
+        time.sleep(0.05)
+        tracer.mark_phase(t, 2)
+        tracer.mark_phase(t, 0)
+        final = tracer.stop()
+    pt = phase_traces(final, t, [1, 2])
+    assert {k: v.attribution for k, v in pt.items()} == {
+        0: "host-window", 1: "host-window", 2: "host-window"}
+    assert pt[1].host_marks_seen == 1 and pt[2].host_marks_seen == 1
+    assert pt[1].marker_ns is not None and before <= pt[1].marker_ns <= at1
+    assert pt[1].duration_ns is not None and pt[1].duration_ns >= 50_000_000
+    assert all(v.events_total == 0 for v in pt.values())
+
+
+def test_host_window_attribution_with_a_real_guest(tmp_path: Path) -> None:
+    """Guest markers carry another token, so only the host windows can attribute."""
+    image = build_micro_image(tmp_path / "img", [MicroPhase("p", 8, 1)], 0x0B0B)
+    with micro_vm(image, tmp_path) as vm, Tracer(
+        P.select(["default"]), [TraceTarget("micro", vm.pid, 0x0C0C)], workdir=tmp_path / "t"
+    ) as tracer:
+        tracer.start()
+        t = tracer.program.targets[0]
+        tracer.mark_phase(t, 1)
+        vm.cont()
+        assert vm.wait() == QEMU_EXIT_STATUS
+        tracer.mark_phase(t, 0)
+        final = tracer.stop()
+    pt = phase_traces(final, t, [1])
+    assert pt[1].attribution == "host-window" and pt[1].markers_seen == 0
+    totals = unphased_totals(final, t)
+    assert pt[1].events_total == sum(totals.values()) > 0
+    assert pt[1].pio > 0 and pt[1].events_by_probe["kvm_cpuid"] >= 2
+
+
+def test_bpftrace_dying_mid_run_is_reported_with_stderr(tmp_path: Path) -> None:
+    with sleeper() as p, Tracer(
+        P.select(["default"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path
+    ) as tracer:
+        tracer.start()
+        assert tracer.alive()
+        assert tracer._proc is not None
+        os.kill(tracer._proc.pid, signal.SIGKILL)
+        tracer._proc.wait(10)
+        assert not tracer.alive()
+        with pytest.raises(TracerError, match="killed by signal 9"):
+            tracer.snapshot(timeout_s=2)
+        summary = tracer.summary()
+        assert summary.tracer_status == "died"
+        assert summary.tracer_error is not None and "stderr" in summary.tracer_error
+        final = tracer.stop()  # still returns, with whatever was printed
+        assert final.final
+        assert tracer.summary().tracer_status == "died"
+
+
+def test_start_failure_raises_with_stderr_and_leaves_nothing(tmp_path: Path) -> None:
+    with sleeper() as p:
+        tracer = Tracer(P.select(["markers"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path,
+                        bpftrace="false")
+        with tracer, pytest.raises(TracerError, match="exited"):
+            tracer.start(timeout_s=10)
+        assert tracer.status == "died" and not tracer.alive()
+
+
+def test_overhead_cpuid_only_vs_all_probes(tmp_path: Path) -> None:
+    """Numbers for the report; the only assertions are on correctness, not speed."""
+    phases = [MicroPhase("a", 16, 2), MicroPhase("b", 32, 2)]
+    durations: dict[str, list[int]] = {}
+    for i, groups in enumerate((["markers"], ["default"], ["all"])):
+        tracer, final, target, _, _ = run_traced(tmp_path / str(i), phases, groups, 0x0D00 + i)
+        pt = phase_traces(final, target, [1, 2])
+        assert all(pt[k].markers_seen == 1 for k in (1, 2))
+        durations[groups[0]] = [pt[k].duration_ns or 0 for k in (1, 2)]
+    print("\nphase durations ms (phase 1, phase 2): " + "; ".join(
+        f"{g}: {[round(d / 1e6, 1) for d in v]}" for g, v in durations.items()))
