@@ -480,15 +480,19 @@ def _micro_phase(
     )
     # A phase runs from its own marker to the next one (phase k+1, or 0 after the last).
     start = trace.marker_ns if trace else None
-    following = [t.marker_ns for n, t in traces.items() if n in (number + 1, 0)]
-    end = next((ns for ns in following if ns is not None), None)
+    # Phase 0 is the marker after the last phase; numbers are consecutive from 1.
+    after = traces.get(number + 1) or traces.get(0)
+    end = after.marker_ns if after is not None else None
     if trace is None or start is None or trace.markers_seen != 1:
         phase.status = "error"
         phase.error = (
             f"phase marker seen {trace.markers_seen if trace else 0} times, expected 1"
             + ("" if finished else "; the guest did not finish in time")
         )
-    elif end is not None:
+    elif end is None:
+        phase.status = "error"
+        phase.error = "no marker after this phase: the guest stopped inside it"
+    else:
         phase.start_ns, phase.end_ns = start, end
         phase.duration_s = round((end - start) / 1e9, 6)
         phase.metrics = {

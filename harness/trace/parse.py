@@ -184,8 +184,26 @@ class TraceSnapshot:
         """Fold one parsed map message into the snapshot (later prints replace earlier)."""
         if isinstance(out, MapOutput):
             self.counters[out.name] = out.values
+            if out.name == "evt":
+                self.counters.update(derive_event_views(out.values))
         elif isinstance(out, HistOutput):
             self.hists[out.name] = out.values
+
+
+def derive_event_views(evt: Mapping[Key, int]) -> dict[str, CounterMap]:
+    """``@ev``, ``@total`` and ``@vcpu`` as sums over ``@evt[pid, tid, g, h, probe]``.
+
+    The kernel keeps one counter per event (see program.py); these are the
+    views the correlator reads.
+    """
+    ev: dict[Key, int] = {}
+    total: dict[Key, int] = {}
+    vcpu: dict[Key, int] = {}
+    for (pid, tid, g, h, probe), n in evt.items():
+        ev[(pid, g, h, probe)] = ev.get((pid, g, h, probe), 0) + n
+        total[(pid, probe)] = total.get((pid, probe), 0) + n
+        vcpu[(pid, tid, g, h)] = vcpu.get((pid, tid, g, h), 0) + n
+    return {"ev": ev, "total": total, "vcpu": vcpu}
 
 
 def snapshot_from_lines(lines: Iterable[str]) -> TraceSnapshot:

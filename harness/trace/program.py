@@ -2,7 +2,10 @@
 
 Everything is aggregated in the kernel (bpftrace maps), keyed by the QEMU pid,
 the current guest-marker phase and the current host-window phase, so output
-grows with phases x keys and never with the event count. The harness fetches
+grows with phases x keys and never with the event count. Each event costs
+two phase lookups and one counter update: per-probe, per-phase, per-vCPU and
+unphased totals are all sums over ``@evt``, taken in Python (parse.py), not
+three updates in the kernel (that tripled the cost of high-rate probes). The harness fetches
 cumulative maps on demand (a "dump" host marker) and bpftrace prints them all
 again when it exits.
 
@@ -18,9 +21,7 @@ Map layout (every key is an integer; probe ids are catalogue indices,
 ``@hmarks[pid, phase]``                 host markers seen (count)
 ``@hmark_ns[pid, phase]``               first host marker, ``nsecs``
 ``@hdur[pid, phase]``                   ns spent in a host window (closed intervals)
-``@ev[pid, g, h, probe]``               events per probe and phase pair
-``@total[pid, probe]``                  events per probe, unphased
-``@vcpu[pid, tid, g, h]``               events per vCPU thread and phase pair
+``@evt[pid, tid, g, h, probe]``         events per vCPU thread, phase pair and probe
 ``@exits[pid, g, h, isa, reason]``      kvm_exit by ISA and exit reason
 ``@pf[pid, g, h, isa, reason, ec]``     kvm_page_fault by the preceding exit and error code
 ``@crw[pid, g, h, cr]``                 control-register writes by register
@@ -61,7 +62,7 @@ LATENCIES: Final[dict[int, tuple[str, str, str]]] = {
 #: Maps printed by a dump, in order. ``@dump_done`` always comes last.
 RESULT_MAPS: Final = (
     "gphase", "hphase", "markers", "marker_ns", "gdur", "hmarks", "hmark_ns", "hdur",
-    "ev", "total", "vcpu", "exits", "pf", "crw", "lat",
+    "evt", "exits", "pf", "crw", "lat",
 )
 
 
@@ -180,7 +181,7 @@ class _Gen:
         self.guest_markers = MARKER_PROBE in names
 
     def maps_used(self) -> tuple[str, ...]:
-        used = {"hphase", "hmarks", "hmark_ns", "hdur", "ev", "total", "vcpu"}
+        used = {"hphase", "hmarks", "hmark_ns", "hdur", "evt"}
         if self.guest_markers:
             used |= {"gphase", "markers", "marker_ns", "gdur"}
         if "kvm_exit" in self.names:
@@ -274,9 +275,7 @@ class _Gen:
         return [
             "$g = @gphase[pid];" if self.guest_markers else "$g = (uint64)0;",
             "$h = @hphase[pid];",
-            f"@ev[pid, $g, $h, {ident}] = count();",
-            f"@total[pid, {ident}] = count();",
-            "@vcpu[pid, tid, $g, $h] = count();",
+            f"@evt[pid, tid, $g, $h, {ident}] = count();",
         ]
 
     def probe_block(self, s: ProbeStatus) -> str:

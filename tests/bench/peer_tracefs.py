@@ -179,8 +179,7 @@ class TracefsRecorder:
     ) -> None:
         if not (tracefs / "instances").is_dir():
             raise TracefsError(
-                f"{tracefs}/instances: tracefs is not mounted; "
-                f"mount -t tracefs nodev {tracefs}"
+                f"{tracefs}/instances: tracefs is not mounted; mount -t tracefs nodev {tracefs}"
             )
         if not systems:
             raise ValueError("systems: give at least one event system, e.g. ('kvm',)")
@@ -282,15 +281,17 @@ class TracefsRecorder:
         for cpu in _online_cpus(self.inst):
             s = _parse_stats((self.inst / "per_cpu" / f"cpu{cpu}" / "stats").read_text())
             reader = self._readers.get(cpu)
-            per_cpu.append(CpuStats(
-                cpu=cpu,
-                bytes_written=reader.bytes if reader else 0,
-                entries=s.get("entries", 0),
-                overrun=s.get("overrun", 0),
-                commit_overrun=s.get("commit overrun", 0),
-                dropped_events=s.get("dropped events", 0),
-                read_events=s.get("read events", 0),
-            ))
+            per_cpu.append(
+                CpuStats(
+                    cpu=cpu,
+                    bytes_written=reader.bytes if reader else 0,
+                    entries=s.get("entries", 0),
+                    overrun=s.get("overrun", 0),
+                    commit_overrun=s.get("commit overrun", 0),
+                    dropped_events=s.get("dropped events", 0),
+                    read_events=s.get("read events", 0),
+                )
+            )
         return RecorderStats(self.name, self.systems, self._pids, tuple(per_cpu))
 
     def stats(self) -> RecorderStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from harness.trace.correlate import attributor, phase_traces, unphased_totals
 from harness.trace.exit_reasons import ept_qualification_to_error_code, fault_kind
@@ -19,12 +20,15 @@ EXIT, PF, CR, CPUID, PIO, EMU, GETPAGE = (
 EPT_QUAL = 0x182  # write, GVA valid and translated
 
 
-def _line(name: str, values: dict[tuple[int, ...], object], kind: str = "map") -> str:
+Counts = Mapping[tuple[int, ...], int]
+
+
+def _line(name: str, values: Mapping[tuple[int, ...], object], kind: str = "map") -> str:
     data = {",".join(str(k) for k in key): v for key, v in values.items()}
     return json.dumps({"type": kind, "data": {f"@{name}": data}})
 
 
-def make_snapshot(ev: dict[tuple[int, ...], int], **extra: dict[tuple[int, ...], int]) -> TraceSnapshot:
+def make_snapshot(ev: Counts, **extra: Counts) -> TraceSnapshot:
     """A snapshot whose @total and @vcpu agree with ``ev`` (as the kernel maps do)."""
     total: dict[tuple[int, ...], int] = {}
     vcpu: dict[tuple[int, ...], int] = {}
@@ -43,7 +47,7 @@ def make_snapshot(ev: dict[tuple[int, ...], int], **extra: dict[tuple[int, ...],
     return snapshot_from_lines(lines)
 
 
-EV = {
+EV: dict[tuple[int, ...], int] = {
     (100, 0, 0, CPUID): 10,      # BIOS before any marker -> phase 0
     (100, 0, 0, GETPAGE): 4,
     (100, 1, 1, CPUID): 1,       # the marker itself counts in its new phase
@@ -60,7 +64,7 @@ EV = {
     (100, 0, 0, PF): 2,
     (OTHER, 1, 1, EMU): 99,      # another VM: never counted for VM
 }
-EXTRA = {
+EXTRA: dict[str, Counts] = {
     "markers": {(100, 1): 1, (100, 2): 1, (100, 0): 2, (OTHER, 1): 1},
     "marker_ns": {(100, 1): 1_000, (100, 2): 5_000, (100, 0): 9_000},
     "gdur": {(100, 1): 4_000, (100, 2): 4_000},
@@ -72,10 +76,6 @@ EXTRA = {
            (100, 0, 0, 0, 0, 0x2): 2},
     "crw": {(100, 1, 1, 3): 7, (100, 1, 1, 0): 1},
 }
-
-
-def traces() -> dict[int, object]:
-    return dict(phase_traces(make_snapshot(EV, **EXTRA), VM, [1, 2, 3]))
 
 
 def test_attribution_labels_and_rule() -> None:
@@ -131,7 +131,7 @@ def test_per_phase_contents() -> None:
 
 def test_host_windows_only_when_no_guest_markers() -> None:
     extra = {k: v for k, v in EXTRA.items() if k not in ("markers", "marker_ns", "gdur")}
-    ev = {(100, 0, h, EMU): n for h, n in ((0, 7), (1, 11), (2, 13))}
+    ev: Counts = {(100, 0, h, EMU): n for h, n in ((0, 7), (1, 11), (2, 13))}
     pt = phase_traces(make_snapshot(ev, **extra), VM, [1, 2])
     assert {p: t.attribution for p, t in pt.items()} == {
         0: "host-window", 1: "host-window", 2: "host-window"}

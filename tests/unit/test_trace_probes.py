@@ -57,7 +57,7 @@ def test_select_groups_and_names() -> None:
     # The marker probe always comes along; order follows the catalogue.
     assert [p.name for p in P.select(["kvm_pio"])] == ["kvm_cpuid", "kvm_pio"]
     assert P.select(["kvm_pio", "kvm_pio"]) == P.select(["kvm_pio"])
-    with pytest.raises(ValueError, match="unknown probe 'kvm_nope'.*groups: default"):
+    with pytest.raises(ValueError, match=r"unknown probe 'kvm_nope'.*groups: default"):
         P.select(["kvm_nope"])
 
 
