@@ -536,7 +536,9 @@ def _start_tracer(
         return None
     selected = probes.select(state.probe_names)
     # The tracer checks availability itself and records what it could not attach.
-    tracer = Tracer(selected, targets, workdir=state.run_dir / f"trace-{record.domain}")
+    # The MMU mode lets availability note probes that attach but never fire (kvm_exit on PVM).
+    view = probes.HostView.probe(mmu_mode=state.result.host.mmu_mode)
+    tracer = Tracer(selected, targets, workdir=state.run_dir / f"trace-{record.domain}", view=view)
     stack.enter_context(tracer)
     try:
         tracer.start()

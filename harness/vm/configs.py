@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from harness.vm.domain import DomainConfig, RomBoot, KernelBoot
+from harness.vm.domain import DomainConfig, KernelBoot, RomBoot
 
 
 def linux_config(
