@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -175,8 +175,6 @@ def _signals_raise() -> Iterator[None]:
 
 
 def _remove_run_dir(run_dir: Path) -> None:
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -589,14 +587,3 @@ def _finish_tracer(tracer: Tracer, record: VmRecord) -> None:
     with contextlib.suppress(TracerError):
         snapshot = tracer.stop()
     record.trace = tracer.summary(snapshot)
-
-
-def main_guard(fn: Callable[[], int]) -> int:
-    """Exit codes for the CLI: 130 after an interrupt, as shells expect."""
-    try:
-        return fn()
-    except RunInterrupted:
-        print(
-            "interrupted: VMs, overlays and tracer cleaned up; partial result kept", file=sys.stderr
-        )
-        return 130

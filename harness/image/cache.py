@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from harness import paths
+from harness.host.process import pid_alive
 
 #: Directories the QEMU user must be able to traverse and read.
 DIR_MODE = 0o755
@@ -134,7 +135,7 @@ def _remove_stale_staging(final: Path) -> None:
     prefix = f".{final.name}{_STAGING_MARK}"
     for d in final.parent.glob(f"{prefix}*"):
         pid_text = d.name[len(prefix) :]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             _remove_tree(d)
     for d in final.parent.glob(f".{final.name}.old-*"):
         _remove_tree(d)
@@ -155,16 +156,6 @@ def _remove_tree(path: Path) -> None:
     for mnt in sorted((m for m in points if m.startswith(base + "/")), key=len, reverse=True):
         subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _make_traversable(path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import libvirt
 
+from harness.host.process import pid_alive
 from harness.vm.domain import DomainConfig, domain_xml
 
 DOMAIN_PREFIX = "kvmh-"
@@ -175,13 +176,7 @@ def _owner_alive(run_dir: Path) -> bool:
         pid = int((run_dir / OWNER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def reap_leftovers(
