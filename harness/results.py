@@ -86,6 +86,9 @@ class VmRecord(_Model):
     domain: str
     image: str
     image_digest: str
+    image_packages: dict[str, str] = Field(
+        default_factory=dict, description="guest kernel release and key package versions"
+    )
     accelerator: Literal["kvm", "tcg"]
     accelerator_reason: str
     vcpus: int

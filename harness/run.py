@@ -216,6 +216,7 @@ def _run_linux_boot(
         domain=lifecycle.domain_name(state.result.run_id, vm.name),
         image="linux",
         image_digest=image.digest,
+        image_packages={"kernel": image.kernel_release, **image.packages},
         accelerator=accel,
         accelerator_reason=reason,
         vcpus=vm.vcpus,

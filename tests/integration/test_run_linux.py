@@ -74,6 +74,7 @@ def test_both_workloads_end_to_end(tmp_path: Path, linux_image: LinuxImage) -> N
     assert data["host"]["kernel_release"] == os.uname().release
     (vm,) = data["vms"]
     assert vm["image_digest"] == linux_image.digest
+    assert vm["image_packages"]["kernel"] == linux_image.kernel_release
     assert vm["accelerator"] in ("tcg", "kvm") and vm["accelerator_reason"]
     assert 0 < vm["boot_to_ready_s"] < 90
     assert vm["trace"]["tracer_status"] == "ok", vm["trace"]

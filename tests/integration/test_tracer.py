@@ -60,10 +60,9 @@ class PausedMicroVM:
                 "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
                 "-no-reboot", "-nodefaults",
                 "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                "-drive", f"file={image.path},format=raw,if=floppy", "-boot", "a",
-                # SeaBIOS sometimes waits minutes in HLT when every instruction is
-                # emulated slowly and the in-kernel PIT re-injects lost ticks.
-                "-global", "kvm-pit.lost_tick_policy=discard",
+                # The guest as its own firmware: SeaBIOS, when every instruction is
+                # traced, sometimes failed its floppy read or sat for minutes in HLT.
+                "-bios", str(image.rom_path),
                 "-S", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
