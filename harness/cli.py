@@ -60,13 +60,13 @@ def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, qu
             trace=False if no_trace else None,
             command_line=sys.argv,
         )
-    except RunInterrupted:
+    except RunInterrupted as exc:
         click.echo(
-            "interrupted: VMs, overlays and the tracer were cleaned up; "
+            f"interrupted by {exc}: VMs, overlays and the tracer were cleaned up; "
             "the partial result was kept",
             err=True,
         )
-        sys.exit(130)
+        sys.exit(128 + exc.signum)  # what a shell reports for a process killed by it
     except Exception as exc:  # the result file already says what happened
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     result = state.result

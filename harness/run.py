@@ -66,6 +66,10 @@ class RunInterrupted(BaseException):
     ``except Exception`` on the way up can swallow it.
     """
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
 
 @dataclass
 class RunState:
@@ -142,9 +146,9 @@ def run_suite(
                 if runs:
                     _run_vm(state, suite, vm, runs, facts, conn)
         result.status = "complete" if all(r.status == "ok" for r in result.runs) else "failed"
-    except RunInterrupted:
+    except RunInterrupted as exc:
         result.status = "incomplete"
-        result.errors.append("interrupted by signal before the suite finished")
+        result.errors.append(f"interrupted by {exc} before the suite finished")
         raise
     except BaseException as exc:
         result.status = "incomplete" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -164,7 +168,7 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise RunInterrupted(signal.Signals(signum).name)
+        raise RunInterrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

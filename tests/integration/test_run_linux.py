@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +135,7 @@ params = { mib = 102400 }
     assert_cleaned_up(data["run_id"])
 
 
-def test_sigint_mid_workload_leaves_nothing_and_keeps_finished_phases(
-    tmp_path: Path, linux_image: LinuxImage
-) -> None:
-    suite = write_suite(
-        tmp_path,
-        """\
+PAGE_TOUCH_THEN_LONG_STRESS = """\
 [[runs]]
 workload = "page-touch"
 vm = "linux"
@@ -149,8 +145,14 @@ params = { mib = 32 }
 workload = "stress-ng-vm"
 vm = "linux"
 params = { bytes = "64M", seconds = 120 }
-""",
-    )
+"""
+
+
+def start_until_second_workload(
+    tmp_path: Path,
+) -> tuple[subprocess.Popen[str], Path, str]:
+    """Start `harness run`, return once page-touch is done and the 120 s stress-ng runs."""
+    suite = write_suite(tmp_path, PAGE_TOUCH_THEN_LONG_STRESS)
     results = tmp_path / "results"
     proc = subprocess.Popen(
         harness("run", str(suite), "--results-dir", str(results), "--quiet"),
@@ -158,33 +160,97 @@ params = { bytes = "64M", seconds = 120 }
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 240
     try:
-        deadline = time.monotonic() + 240
-        data: dict[str, Any] = {}
         while time.monotonic() < deadline:
             files = list(results.glob("*.json"))
             if files:
                 data = json.loads(files[0].read_text())
                 if len(data["runs"]) == 2:  # page-touch done, stress-ng started
-                    break
+                    time.sleep(2)  # well inside the 120 s stress-ng phase
+                    run_id: str = data["run_id"]
+                    assert [d for d in harness_domains() if run_id in d], "VM should run now"
+                    return proc, results, run_id
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
-        else:
-            pytest.fail("the run never reached its second workload")
-        time.sleep(2)  # well inside the 120 s stress-ng phase
-        run_id = data["run_id"]
-        assert [d for d in harness_domains() if run_id in d], "VM should be running now"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    data = only_result(results)
-    assert data["status"] == "incomplete"
-    assert any("interrupted" in e for e in data["errors"])
+        pytest.fail("the run never reached its second workload")
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def assert_first_workload_kept(data: dict[str, Any]) -> None:
     first = data["runs"][0]
     assert first["workload"] == "page-touch" and first["status"] == "ok"
     assert first["phases"][0]["metrics"]["first_touch_mib_per_s"] > 0
     assert data["runs"][1]["status"] == "incomplete"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_workload_leaves_nothing_and_keeps_finished_phases(
+    tmp_path: Path, linux_image: LinuxImage, sig: signal.Signals, code: int
+) -> None:
+    proc, results, run_id = start_until_second_workload(tmp_path)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    data = only_result(results)
+    assert data["status"] == "incomplete"
+    assert any(f"interrupted by {sig.name}" in e for e in data["errors"])
+    assert_first_workload_kept(data)
     assert_cleaned_up(run_id)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def test_sigkilled_run_is_cleaned_by_libvirt_and_reaped_by_the_next(
+    tmp_path: Path, linux_image: LinuxImage
+) -> None:
+    proc, results, run_id = start_until_second_workload(tmp_path)
+    proc.kill()  # no handler runs: only what the design guarantees without one is left
+    proc.communicate(timeout=30)
+    # libvirtd destroys AUTODESTROY domains when the connection drops; bpftrace
+    # dies with its parent (PR_SET_PDEATHSIG).
+    assert wait_for(lambda: not [d for d in harness_domains() if run_id in d], 30)
+    assert wait_for(lambda: not [t for t in stray_tracers() if run_id in t], 10)
+    run_dir = cache_dir() / "runs" / run_id
+    assert run_dir.exists(), "the killed run's overlay is the leftover to reap"
+    data = only_result(results)
+    assert data["status"] == "running"  # it never got to say otherwise
+    assert_first_workload_kept(data)
+
+    suite = write_suite(
+        tmp_path,
+        """\
+[[runs]]
+workload = "page-touch"
+vm = "linux"
+params = { mib = 8 }
+""",
+        name="after",
+        trace=False,
+    )
+    after = tmp_path / "after"
+    done = subprocess.run(
+        harness("run", str(suite), "--results-dir", str(after), "--quiet"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    notes = only_result(after)["notes"]
+    assert f"reaped leftover of a killed run: run directory {run_dir}" in notes
+    assert not run_dir.exists()
