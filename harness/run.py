@@ -145,7 +145,9 @@ def run_suite(
                 runs = [r for r in suite.spec.runs if r.vm == vm.name]
                 if runs:
                     _run_vm(state, suite, vm, runs, facts, conn)
-        result.status = "complete" if all(r.status == "ok" for r in result.runs) else "failed"
+        # Complete means everything asked for was measured, traces included.
+        ok = all(r.status == "ok" for r in result.runs) and not result.errors
+        result.status = "complete" if ok else "failed"
     except RunInterrupted as exc:
         result.status = "incomplete"
         result.errors.append(f"interrupted by {exc} before the suite finished")
@@ -339,7 +341,7 @@ def _run_linux_workload(
         number = state.next_phase(boot_id)
         phase = run_linux_phase(guest, workload, spec, params, number, target, tracer, stats)
         if tracer is not None:
-            _trace_phase(tracer, target, phase, record)
+            _trace_phase(tracer, target, phase, record, state.result.errors)
         wrun.phases.append(phase)
         state.save()
         state.reporter.phase(wrun, phase)
@@ -559,14 +561,27 @@ def _start_tracer(
     return tracer
 
 
-def _trace_phase(tracer: Tracer, target: TraceTarget, phase: PhaseResult, record: VmRecord) -> None:
-    """Attach the aggregates of a finished phase; a dead tracer is recorded, not hidden."""
+def _trace_phase(
+    tracer: Tracer, target: TraceTarget, phase: PhaseResult, record: VmRecord, errors: list[str]
+) -> None:
+    """Attach the aggregates of a finished phase; a dead tracer is recorded, not hidden.
+
+    The workload goes on without it: its own numbers are still worth having,
+    and the result says from which phase on the trace is missing.
+    """
+    was_ok = record.trace is not None and record.trace.tracer_status == "ok"
     try:
         snapshot = tracer.snapshot()
     except TracerError as exc:
         record.trace = tracer.summary()
+        record.trace.tracer_status = "died"
         if record.trace.tracer_error is None:
             record.trace.tracer_error = str(exc)
+        if was_ok:
+            errors.append(
+                f"tracer of VM {record.name} died during phase {phase.index} "
+                f"({phase.name}); later phases are untraced: {record.trace.tracer_error}"
+            )
         return
     attached = record.trace.probes_attached if record.trace else []
     phase.trace = correlate.phase_traces(snapshot, target, [phase.index], attached=attached).get(

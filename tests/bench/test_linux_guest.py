@@ -7,78 +7,29 @@ phase costs beyond its command, compared with a bare SSH exec in the same run.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from harness.guest.ssh import SshGuest
-from harness.host.facts import choose_accelerator, collect_host_facts
 from harness.image.linux import LinuxImage
-from harness.paths import cache_dir
 from harness.run import run_linux_phase
 from harness.spec import PhaseSpec, WorkloadSpec
 from harness.trace import probes
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
-from harness.vm import configs, lifecycle
+from tests.integration.conftest import Booted, vm_workdir
 
 pytestmark = pytest.mark.integration
 
 NOOP = WorkloadSpec(name="noop", guest="linux", phases=[PhaseSpec(name="noop", command="true")])
 
 
-class Booted:
-    """A started Linux guest with SSH connected; destroyed by ``close``."""
-
-    def __init__(self, image: LinuxImage, workdir: Path, name: str) -> None:
-        accel, _ = choose_accelerator("auto", collect_host_facts())
-        self.conn = lifecycle.connect()
-        overlay = workdir / f"{name}.qcow2"
-        lifecycle.create_overlay(image.disk, overlay)
-        cfg = configs.linux_config(
-            name=f"{lifecycle.DOMAIN_PREFIX}bench-{name}",
-            accelerator=accel,
-            memory_mib=768,
-            vcpus=2,
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=image.cmdline,
-            overlay=overlay,
-            console_log=workdir / f"{name}.log",
-            ssh_port=lifecycle.free_port(),
-        )
-        self.vm = lifecycle.start(self.conn, cfg)
-        try:
-            assert cfg.ssh_port is not None
-            self.guest = SshGuest.connect(
-                "127.0.0.1",
-                cfg.ssh_port,
-                user=image.ssh_user,
-                key_file=image.ssh_private_key,
-                host_key=image.host_key,
-                deadline_s=90,
-            )
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if hasattr(self, "guest"):
-            self.guest.close()
-        lifecycle.destroy(self.vm)
-        self.conn.close()
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-", dir=cache_dir()))
-    path.chmod(0o755)  # QEMU runs as libvirt-qemu
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with vm_workdir("bench-") as path:
+        yield path
 
 
 def test_boot_to_ssh(benchmark: BenchmarkFixture, linux_image: LinuxImage, workdir: Path) -> None:
@@ -93,12 +44,10 @@ def test_boot_to_ssh(benchmark: BenchmarkFixture, linux_image: LinuxImage, workd
 
 @pytest.fixture(scope="module")
 def booted(linux_image: LinuxImage) -> Iterator[Booted]:
-    path = Path(tempfile.mkdtemp(prefix="bench-", dir=cache_dir()))
-    path.chmod(0o755)
-    b = Booted(linux_image, path, "phase")
-    yield b
-    b.close()
-    shutil.rmtree(path, ignore_errors=True)
+    with vm_workdir("bench-") as path:
+        b = Booted(linux_image, path, "phase")
+        yield b
+        b.close()
 
 
 @pytest.mark.benchmark(group="phase-overhead")

@@ -18,9 +18,7 @@ update: cutting three map updates to one moved 2.18x to 2.08x.
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,7 +27,6 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from harness.image.micro import MicroPhase, build_micro_image
-from harness.paths import cache_dir
 from harness.spec import load_workload
 from harness.trace import correlate, probes
 from harness.trace.model import PhaseTrace
@@ -37,6 +34,7 @@ from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
 from harness.vm import configs, lifecycle
 from tests.bench.peer_tracefs import TracefsRecorder
+from tests.integration.conftest import vm_workdir
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +51,8 @@ EVENTS: dict[str, list[int]] = {}
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-micro-", dir=cache_dir()))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with vm_workdir("bench-micro-") as path:
+        yield path
 
 
 def run_micro(workdir: Path, mode: str, n: int) -> None:

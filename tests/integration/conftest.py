@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.guest.ssh import SshGuest
+from harness.host.facts import choose_accelerator, collect_host_facts
 from harness.image.linux import LinuxImage, build_linux_image
+from harness.paths import cache_dir
+from harness.vm import configs, lifecycle
 from tests.conftest import harness_domains, stray_tracers
 
 pytestmark = pytest.mark.integration
@@ -54,3 +61,56 @@ def write_suite(
     path = dir_ / f"{name}.toml"
     path.write_text(SUITE.format(name=name, reps=reps, runs=runs, trace=str(trace).lower()))
     return path
+
+
+class Booted:
+    """A started Linux guest with SSH connected; destroyed by ``close``."""
+
+    def __init__(self, image: LinuxImage, workdir: Path, name: str) -> None:
+        accel, _ = choose_accelerator("auto", collect_host_facts())
+        self.conn = lifecycle.connect()
+        overlay = workdir / f"{name}.qcow2"
+        lifecycle.create_overlay(image.disk, overlay)
+        cfg = configs.linux_config(
+            name=f"{lifecycle.DOMAIN_PREFIX}test-{name}",
+            accelerator=accel,
+            memory_mib=768,
+            vcpus=2,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
+            overlay=overlay,
+            console_log=workdir / f"{name}.log",
+            ssh_port=lifecycle.free_port(),
+        )
+        self.vm = lifecycle.start(self.conn, cfg)
+        try:
+            assert cfg.ssh_port is not None
+            self.guest = SshGuest.connect(
+                "127.0.0.1",
+                cfg.ssh_port,
+                user=image.ssh_user,
+                key_file=image.ssh_private_key,
+                host_key=image.host_key,
+                deadline_s=90,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if hasattr(self, "guest"):
+            self.guest.close()
+        lifecycle.destroy(self.vm)
+        self.conn.close()
+
+
+@contextlib.contextmanager
+def vm_workdir(prefix: str) -> Iterator[Path]:
+    """A scratch directory QEMU (user libvirt-qemu) can reach, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir()))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

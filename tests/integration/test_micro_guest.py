@@ -160,12 +160,15 @@ tracepoint:syscalls:sys_enter_getpriority /pid == {os.getpid()} && args->which =
 
 
 def _bpftrace_program(qemu_pid: int, count_insns: bool) -> str:
-    prog = _ready_probe("first") + f"""
+    prog = (
+        _ready_probe("first")
+        + f"""
 tracepoint:kvm:kvm_cpuid /pid == {qemu_pid} && args->function == {MARKER_LEAF}/ {{
   @phase[tid] = args->index & 0xffff;
   printf("marker %d %d %d %lld\\n", args->index >> 16, args->index & 0xffff, tid, nsecs);
 }}
 """
+    )
     if count_insns:
         # Keyed by the vCPU thread's current phase: aggregated in the kernel.
         prog += f"""
@@ -186,9 +189,16 @@ def _boot_args(image: MicroImage, boot: Boot, work: Path) -> list[str]:
     # SeaBIOS's log on its debug port says why a boot failed; reboot-timeout=0
     # turns a failed boot into an immediate exit (status 0 with -no-reboot)
     # instead of a 60 guest-second wait.
-    return ["-drive", f"file={image.path},format=raw,if=floppy", "-boot", "a,reboot-timeout=0",
-            "-chardev", f"file,id=dbg,path={work / 'seabios.log'}",
-            "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+    return [
+        "-drive",
+        f"file={image.path},format=raw,if=floppy",
+        "-boot",
+        "a,reboot-timeout=0",
+        "-chardev",
+        f"file,id=dbg,path={work / 'seabios.log'}",
+        "-device",
+        "isa-debugcon,iobase=0x402,chardev=dbg",
+    ]
 
 
 def _diag(work: Path) -> str:
@@ -223,23 +233,39 @@ def run_micro(image: MicroImage, work: Path, *, boot: Boot, count_insns: bool) -
     qmp_sock = work / "qmp.sock"
     with (work / "qemu.err").open("w") as qemu_err:
         qemu = subprocess.Popen(
-            ["qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
-             "-no-reboot", "-nodefaults", "-S",
-             "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-             *_boot_args(image, boot, work)],
-            stdout=subprocess.DEVNULL, stderr=qemu_err,
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-m",
+                "16",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-S",
+                "-qmp",
+                f"unix:{qmp_sock},server=on,wait=off",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                *_boot_args(image, boot, work),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=qemu_err,
         )
     bpf: subprocess.Popen[str] | None = None
     try:
         with (work / "bpftrace.err").open("w") as bpf_err:
             bpf = subprocess.Popen(
                 ["bpftrace", "-f", "json", "-e", _bpftrace_program(qemu.pid, count_insns)],
-                stdout=subprocess.PIPE, stderr=bpf_err, text=True,
+                stdout=subprocess.PIPE,
+                stderr=bpf_err,
+                text=True,
             )
         lines = _Lines(bpf)
         assert lines.wait_for('"attached_probes"', 60), (
-            f"bpftrace never attached: {(work / 'bpftrace.err').read_text()}")
+            f"bpftrace never attached: {(work / 'bpftrace.err').read_text()}"
+        )
         _await_live_probes(lines)
         deadline = time.monotonic() + 10
         while not qmp_sock.exists() and time.monotonic() < deadline:
@@ -312,11 +338,14 @@ def test_markers_once_in_order_and_exit_status(
     assert run.exit_status == QEMU_EXIT_STATUS, _diag(work)
     n = len(micro_image.phases)
     assert [(m.token, m.phase) for m in run.markers] == (
-        [(micro_image.token, k) for k in range(1, n + 1)] + [(micro_image.token, 0)])
+        [(micro_image.token, k) for k in range(1, n + 1)] + [(micro_image.token, 0)]
+    )
     assert len({m.tid for m in run.markers}) == 1, "all markers come from the one vCPU thread"
     durations = _durations_ms(run)
-    print(f"{boot}: phase durations (marker to marker, ms):",
-          {p.name: round(d, 1) for p, d in zip(micro_image.phases, durations, strict=True)})
+    print(
+        f"{boot}: phase durations (marker to marker, ms):",
+        {p.name: round(d, 1) for p, d in zip(micro_image.phases, durations, strict=True)},
+    )
     # Timing is host-load dependent, so only a loose sanity check: a phase that
     # writes 4x the memory of another cannot be faster than it.
     assert durations[2] > durations[0]
@@ -330,9 +359,16 @@ def test_emulated_insns_follow_pages(micro_image: MicroImage, work: Path) -> Non
     assert run.exit_status == QEMU_EXIT_STATUS, _diag(work)
     assert [m.phase for m in run.markers] == [1, 2, 3, 0]
     counts = [run.insns_by_phase.get(k, 0) for k in (1, 2, 3)]
-    print("kvm_emulate_insn per phase:", counts, "phase 0:", run.insns_by_phase.get(0),
-          "ratios:", [round(c / counts[0], 4) for c in counts],
-          "durations ms:", [round(d, 1) for d in _durations_ms(run)])
+    print(
+        "kvm_emulate_insn per phase:",
+        counts,
+        "phase 0:",
+        run.insns_by_phase.get(0),
+        "ratios:",
+        [round(c / counts[0], 4) for c in counts],
+        "durations ms:",
+        [round(d, 1) for d in _durations_ms(run)],
+    )
     # With interrupts off nothing but the loop runs between markers, so each
     # count is the loop's instruction count plus a few setup instructions.
     for phase, count in zip(micro_image.phases, counts, strict=True):

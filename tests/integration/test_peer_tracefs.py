@@ -42,10 +42,26 @@ class _PausedQemu:
         assert image.rom_path is not None
         self.sock = work / "qmp.sock"
         self.proc = subprocess.Popen(
-            ["qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
-             "-no-reboot", "-nodefaults", "-S", "-qmp", f"unix:{self.sock},server=on,wait=off",
-             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios", str(image.rom_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-m",
+                "16",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-S",
+                "-qmp",
+                f"unix:{self.sock},server=on,wait=off",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-bios",
+                str(image.rom_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def run(self) -> int:
@@ -123,4 +139,3 @@ def test_bad_system_is_named(tmp_path: Path) -> None:
         pytest.skip("tracefs not mounted")
     with pytest.raises(ValueError, match="no event system 'kvmx'"):
         TracefsRecorder(tmp_path, ("kvmx",))
-

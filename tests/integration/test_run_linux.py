@@ -254,3 +254,77 @@ params = { mib = 8 }
     notes = only_result(after)["notes"]
     assert f"reaped leftover of a killed run: run directory {run_dir}" in notes
     assert not run_dir.exists()
+
+
+def test_boot_timeout_quotes_the_console_and_cleans_up(
+    tmp_path: Path, linux_image: LinuxImage
+) -> None:
+    # The guest needs about 5 s to answer SSH under TCG; give it 1.
+    suite = write_suite(tmp_path, '[[runs]]\nworkload = "page-touch"\nvm = "linux"\n', trace=False)
+    suite.write_text(suite.read_text().replace("boot_timeout_s = 90", "boot_timeout_s = 1"))
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "did not answer SSH within 1 s" in proc.stderr
+    assert "last console lines" in proc.stderr
+    data = only_result(results)
+    assert data["status"] == "failed" and "did not answer SSH" in data["errors"][0]
+    assert_cleaned_up(data["run_id"])
+
+
+def test_tracer_death_is_reported_and_the_workload_goes_on(
+    tmp_path: Path, linux_image: LinuxImage
+) -> None:
+    suite = write_suite(
+        tmp_path,
+        """\
+[[runs]]
+workload = "page-touch"
+vm = "linux"
+params = { mib = 16 }
+
+[[runs]]
+workload = "stress-ng-vm"
+vm = "linux"
+params = { bytes = "32M", seconds = 6 }
+""",
+    )
+    results = tmp_path / "results"
+    proc = subprocess.Popen(
+        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def stress_running() -> bool:
+            files = list(results.glob("*.json"))
+            return bool(files) and len(json.loads(files[0].read_text())["runs"]) == 2
+
+        assert wait_for(stress_running, 240), "never reached the second workload"
+        run_id = only_result(results)["run_id"]
+        tracers = [t.split()[0] for t in stray_tracers() if run_id in t]
+        assert len(tracers) == 1
+        subprocess.run(["kill", "-9", tracers[0]], check=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err  # measured, but not everything asked for
+    data = only_result(results)
+    assert data["status"] == "failed"
+    trace = data["vms"][0]["trace"]
+    assert trace["tracer_status"] == "died" and trace["tracer_error"]
+    assert any("tracer of VM linux died during phase 2" in e for e in data["errors"])
+    touch, stress = (r["phases"][0] for r in data["runs"])
+    assert touch["trace"] is not None  # traced before the tracer died
+    assert stress["status"] == "ok" and stress["metrics"]["bogo_ops"] > 0
+    assert stress["trace"] is None
+    assert_cleaned_up(run_id)

@@ -57,15 +57,28 @@ class PausedMicroVM:
         self.qmp_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [
-                "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
-                "-no-reboot", "-nodefaults",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-m",
+                "16",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nodefaults",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
                 # The guest as its own firmware: SeaBIOS, when every instruction is
                 # traced, sometimes failed its floppy read or sat for minutes in HLT.
-                "-bios", str(image.rom_path),
-                "-S", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-bios",
+                str(image.rom_path),
+                "-S",
+                "-qmp",
+                f"unix:{self.qmp_path},server=on,wait=off",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
         )
         deadline = time.monotonic() + 10
@@ -137,9 +150,12 @@ def run_traced(
 ) -> tuple[Tracer, TraceSnapshot, TraceTarget, int, int]:
     """Run the micro guest under a tracer; return (tracer, final snapshot, target, cont, pid)."""
     image = build_micro_image(tmp_path / "img", phases, token)
-    with micro_vm(image, tmp_path) as vm, Tracer(
-        P.select(groups), [TraceTarget("micro", vm.pid, token)], workdir=tmp_path / "trace"
-    ) as tracer:
+    with (
+        micro_vm(image, tmp_path) as vm,
+        Tracer(
+            P.select(groups), [TraceTarget("micro", vm.pid, token)], workdir=tmp_path / "trace"
+        ) as tracer,
+    ):
         target = tracer.program.targets[0]
         tracer.start()
         cont_ns = vm.cont()
@@ -186,16 +202,19 @@ def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path) -> None:
 
     secs = sum(pt[k].duration_ns or 0 for k in (1, 2, 3)) / 1e9
     events = sum(pt[k].events_total for k in (1, 2, 3))
-    print(f"\nmicro guest, all probes: {events} events in phases 1-3 over {secs:.3f} s "
-          f"= {events / secs:,.0f} events/s; durations ms "
-          f"{[round((pt[k].duration_ns or 0) / 1e6, 1) for k in (1, 2, 3)]}; "
-          f"lost events {final.lost_events}")
+    print(
+        f"\nmicro guest, all probes: {events} events in phases 1-3 over {secs:.3f} s "
+        f"= {events / secs:,.0f} events/s; durations ms "
+        f"{[round((pt[k].duration_ns or 0) / 1e6, 1) for k in (1, 2, 3)]}; "
+        f"lost events {final.lost_events}"
+    )
 
 
 def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
-    with sleeper() as p, Tracer(
-        P.select(["default"]), [TraceTarget("idle", p.pid, 77)], workdir=tmp_path
-    ) as tracer:
+    with (
+        sleeper() as p,
+        Tracer(P.select(["default"]), [TraceTarget("idle", p.pid, 77)], workdir=tmp_path) as tracer,
+    ):
         tracer.start()
         t = tracer.program.targets[0]
         first = tracer.snapshot()
@@ -211,7 +230,8 @@ def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
         # Probes this host cannot offer are listed with their reasons.
         offered = {s.probe.name for s in P.availability(P.select(["default"])) if s.available}
         assert {x.probe for x in summary.probes_not_attached} == (
-            {p.name for p in P.select(["default"])} - offered)
+            {p.name for p in P.select(["default"])} - offered
+        )
         assert all(x.reason for x in summary.probes_not_attached)
         assert (tmp_path / "trace.bt").read_text() == tracer.program.text
         tracer.stop()
@@ -219,9 +239,12 @@ def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
 
 
 def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) -> None:
-    with sleeper() as p, Tracer(
-        P.select(["default"]), [TraceTarget("not-a-guest", p.pid, 4321)], workdir=tmp_path
-    ) as tracer:
+    with (
+        sleeper() as p,
+        Tracer(
+            P.select(["default"]), [TraceTarget("not-a-guest", p.pid, 4321)], workdir=tmp_path
+        ) as tracer,
+    ):
         tracer.start()
         t = tracer.program.targets[0]
         before = time.monotonic_ns()
@@ -234,7 +257,10 @@ def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) 
         final = tracer.stop()
     pt = phase_traces(final, t, [1, 2])
     assert {k: v.attribution for k, v in pt.items()} == {
-        0: "host-window", 1: "host-window", 2: "host-window"}
+        0: "host-window",
+        1: "host-window",
+        2: "host-window",
+    }
     assert pt[1].host_marks_seen == 1 and pt[2].host_marks_seen == 1
     assert pt[1].marker_ns is not None and before <= pt[1].marker_ns <= at1
     assert pt[1].duration_ns is not None and pt[1].duration_ns >= 50_000_000
@@ -244,9 +270,12 @@ def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) 
 def test_host_window_attribution_with_a_real_guest(tmp_path: Path) -> None:
     """Guest markers carry another token, so only the host windows can attribute."""
     image = build_micro_image(tmp_path / "img", [MicroPhase("p", 8, 1)], 0x0B0B)
-    with micro_vm(image, tmp_path) as vm, Tracer(
-        P.select(["default"]), [TraceTarget("micro", vm.pid, 0x0C0C)], workdir=tmp_path / "t"
-    ) as tracer:
+    with (
+        micro_vm(image, tmp_path) as vm,
+        Tracer(
+            P.select(["default"]), [TraceTarget("micro", vm.pid, 0x0C0C)], workdir=tmp_path / "t"
+        ) as tracer,
+    ):
         tracer.start()
         t = tracer.program.targets[0]
         tracer.mark_phase(t, 1)
@@ -262,9 +291,10 @@ def test_host_window_attribution_with_a_real_guest(tmp_path: Path) -> None:
 
 
 def test_bpftrace_dying_mid_run_is_reported_with_stderr(tmp_path: Path) -> None:
-    with sleeper() as p, Tracer(
-        P.select(["default"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path
-    ) as tracer:
+    with (
+        sleeper() as p,
+        Tracer(P.select(["default"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path) as tracer,
+    ):
         tracer.start()
         assert tracer.alive()
         assert tracer._proc is not None
@@ -283,8 +313,9 @@ def test_bpftrace_dying_mid_run_is_reported_with_stderr(tmp_path: Path) -> None:
 
 def test_start_failure_raises_with_stderr_and_leaves_nothing(tmp_path: Path) -> None:
     with sleeper() as p:
-        tracer = Tracer(P.select(["markers"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path,
-                        bpftrace="false")
+        tracer = Tracer(
+            P.select(["markers"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path, bpftrace="false"
+        )
         with tracer, pytest.raises(TracerError, match="exited"):
             tracer.start(timeout_s=10)
         assert tracer.status == "died" and not tracer.alive()
@@ -299,5 +330,7 @@ def test_overhead_cpuid_only_vs_all_probes(tmp_path: Path) -> None:
         pt = phase_traces(final, target, [1, 2])
         assert all(pt[k].markers_seen == 1 for k in (1, 2))
         durations[groups[0]] = [pt[k].duration_ns or 0 for k in (1, 2)]
-    print("\nphase durations ms (phase 1, phase 2): " + "; ".join(
-        f"{g}: {[round(d / 1e6, 1) for d in v]}" for g, v in durations.items()))
+    print(
+        "\nphase durations ms (phase 1, phase 2): "
+        + "; ".join(f"{g}: {[round(d / 1e6, 1) for d in v]}" for g, v in durations.items())
+    )
