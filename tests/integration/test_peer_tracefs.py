@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from harness.image.micro import (
     build_micro_image,
 )
 from tests.bench.peer_tracefs import INSTANCE_PREFIX, TRACEFS, TracefsRecorder
-from tests.integration.test_micro_guest import _kvm_usable, _qmp
+from tests.integration.micro_qemu import PausedMicroVM, micro_vm
+from tests.integration.test_micro_guest import _kvm_usable
 
 pytestmark = pytest.mark.integration
 
@@ -35,56 +35,10 @@ def image(tmp_path: Path) -> MicroImage:
     return build_micro_image(tmp_path / "img", PHASES, token=0x5EE5)
 
 
-class _PausedQemu:
-    """QEMU booting the micro ROM, paused until :meth:`run` (so its pid is known first)."""
-
-    def __init__(self, image: MicroImage, work: Path) -> None:
-        assert image.rom_path is not None
-        self.sock = work / "qmp.sock"
-        self.proc = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-accel",
-                "kvm",
-                "-m",
-                "16",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-S",
-                "-qmp",
-                f"unix:{self.sock},server=on,wait=off",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                "-bios",
-                str(image.rom_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def run(self) -> int:
-        for _ in range(100):
-            if self.sock.exists():
-                break
-            time.sleep(0.05)
-        _qmp(self.sock, "cont")
-        return self.proc.wait(timeout=60)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture()
-def qemu(image: MicroImage, tmp_path: Path) -> Iterator[_PausedQemu]:
-    q = _PausedQemu(image, tmp_path)
-    try:
-        yield q
-    finally:
-        q.kill()
+def qemu(image: MicroImage, tmp_path: Path) -> Iterator[PausedMicroVM]:
+    with micro_vm(image, tmp_path) as vm:
+        yield vm
 
 
 def _marker_records(image: MicroImage) -> list[bytes]:
@@ -99,13 +53,14 @@ def _instances() -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_records_the_guests_kvm_events(
-    image: MicroImage, qemu: _PausedQemu, tmp_path: Path
+    image: MicroImage, qemu: PausedMicroVM, tmp_path: Path
 ) -> None:
     out = tmp_path / "rec"
     before = _instances()
-    with TracefsRecorder(out, ("kvm", "kvmmmu"), pid=qemu.proc.pid) as rec:
-        assert rec.stats().pids and qemu.proc.pid in rec.stats().pids
-        status = qemu.run()
+    with TracefsRecorder(out, ("kvm", "kvmmmu"), pid=qemu.pid) as rec:
+        assert rec.stats().pids and qemu.pid in rec.stats().pids
+        qemu.cont()
+        status = qemu.wait()
     stats = rec.stats()
     assert status == QEMU_EXIT_STATUS
     data = b"".join(p.read_bytes() for p in sorted(out.glob("cpu*.raw")))
@@ -119,12 +74,13 @@ def test_records_the_guests_kvm_events(
 
 @pytest.mark.timeout(120)
 def test_pid_filter_excludes_other_processes(
-    image: MicroImage, qemu: _PausedQemu, tmp_path: Path
+    image: MicroImage, qemu: PausedMicroVM, tmp_path: Path
 ) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         with TracefsRecorder(tmp_path / "rec", ("kvm",), pid=sleeper.pid) as rec:
-            assert qemu.run() == QEMU_EXIT_STATUS
+            qemu.cont()
+            assert qemu.wait() == QEMU_EXIT_STATUS
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -43,6 +43,29 @@ def harness(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness.cli", *args]
 
 
+def run_harness(
+    suite: Path, results: Path, *extra: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`harness run SUITE` to completion, through the real CLI."""
+    return subprocess.run(
+        harness("run", str(suite), "--results-dir", str(results), *extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_harness(suite: Path, results: Path) -> subprocess.Popen[str]:
+    """`harness run SUITE --quiet` in the background, for tests that interrupt it."""
+    return subprocess.Popen(
+        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def only_result(results: Path) -> dict[str, Any]:
     files = sorted(results.glob("*.json"))
     assert len(files) == 1, files
@@ -61,13 +84,7 @@ def assert_cleaned_up(run_id: str) -> None:
 def test_both_workloads_end_to_end(tmp_path: Path, linux_image: LinuxImage) -> None:
     suite = write_suite(tmp_path, BOTH_WORKLOADS)
     results = tmp_path / "results"
-    proc = subprocess.run(
-        harness("run", str(suite), "--results-dir", str(results)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_harness(suite, results, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "result: " in proc.stdout
     data = only_result(results)
@@ -118,13 +135,7 @@ params = { mib = 102400 }
         trace=False,
     )
     results = tmp_path / "results"
-    proc = subprocess.run(
-        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_harness(suite, results, "--quiet", timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     data = only_result(results)
     assert data["status"] == "failed"
@@ -154,12 +165,7 @@ def start_until_second_workload(
     """Start `harness run`, return once page-touch is done and the 120 s stress-ng runs."""
     suite = write_suite(tmp_path, PAGE_TOUCH_THEN_LONG_STRESS)
     results = tmp_path / "results"
-    proc = subprocess.Popen(
-        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_harness(suite, results)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
@@ -243,13 +249,7 @@ params = { mib = 8 }
         trace=False,
     )
     after = tmp_path / "after"
-    done = subprocess.run(
-        harness("run", str(suite), "--results-dir", str(after), "--quiet"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_harness(suite, after, "--quiet", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     notes = only_result(after)["notes"]
     assert f"reaped leftover of a killed run: run directory {run_dir}" in notes
@@ -263,13 +263,7 @@ def test_boot_timeout_quotes_the_console_and_cleans_up(
     suite = write_suite(tmp_path, '[[runs]]\nworkload = "page-touch"\nvm = "linux"\n', trace=False)
     suite.write_text(suite.read_text().replace("boot_timeout_s = 90", "boot_timeout_s = 1"))
     results = tmp_path / "results"
-    proc = subprocess.run(
-        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_harness(suite, results, "--quiet", timeout=120)
     assert proc.returncode == 1
     assert "did not answer SSH within 1 s" in proc.stderr
     assert "last console lines" in proc.stderr
@@ -296,12 +290,7 @@ params = { bytes = "32M", seconds = 6 }
 """,
     )
     results = tmp_path / "results"
-    proc = subprocess.Popen(
-        harness("run", str(suite), "--results-dir", str(results), "--quiet"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_harness(suite, results)
     try:
 
         def stress_running() -> bool:
