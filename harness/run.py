@@ -272,7 +272,8 @@ def _boot_linux(
     lifecycle.create_overlay(image.disk, overlay)
     stack.callback(overlay.unlink, missing_ok=True)
     console = state.run_dir / f"{vm.name}.console.log"
-    record.console_log = str(console)
+    kept = state.path.with_name(f"{state.path.stem}.{console.name}")
+    record.console_log = str(kept)
     cfg = configs.linux_config(
         name=record.domain,
         accelerator=record.accelerator,
@@ -287,17 +288,16 @@ def _boot_linux(
     )
     state.reporter.step(f"vm {vm.name}: starting {record.domain}")
     running = lifecycle.start(conn, cfg)
-    stack.callback(_keep_console, console, state.path)
+    # The run directory is deleted at the end; the console log is evidence.
+    stack.callback(_copy_if_exists, console, kept)
     stack.callback(lifecycle.destroy, running)
     record.qemu_pid = running.pid
     return running
 
 
-def _keep_console(console: Path, result_path: Path) -> None:
-    # The run directory is deleted at the end; the console log is evidence.
-    if console.exists():
-        dest = result_path.with_name(f"{result_path.stem}.{console.name}")
-        dest.write_bytes(console.read_bytes())
+def _copy_if_exists(src: Path, dest: Path) -> None:
+    if src.exists():
+        shutil.copyfile(src, dest)
 
 
 def _wait_for_ssh(running: lifecycle.RunningVm, image: LinuxImage, vm: VmSpec) -> SshGuest:
@@ -435,7 +435,6 @@ def _run_micro_boot(
         vcpus=1,
         memory_mib=vm.memory_mib,
         marker_token=token,
-        console_log=str(out_dir / "console.log"),
     )
     state.result.vms.append(record)
     wrun = WorkloadRun(

@@ -118,7 +118,8 @@ def test_both_workloads_end_to_end(tmp_path: Path, linux_image: LinuxImage) -> N
             assert p["trace"]["attribution"] == "host-window"
             assert p["trace"]["markers_seen"] == 0
     assert_cleaned_up(data["run_id"])
-    console = results / f"{data['run_id']}.linux.console.log"
+    console = Path(vm["console_log"])
+    assert console.parent == results
     assert console.exists()
 
 
