@@ -19,7 +19,7 @@ from harness.spec import PhaseSpec, WorkloadSpec
 from harness.trace import probes
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
-from tests.integration.conftest import Booted, vm_workdir
+from tests.integration.conftest import Booted, booted_guest, vm_workdir
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,8 @@ def test_boot_to_ssh(benchmark: BenchmarkFixture, linux_image: LinuxImage, workd
 
 @pytest.fixture(scope="module")
 def booted(linux_image: LinuxImage) -> Iterator[Booted]:
-    with vm_workdir("bench-") as path:
-        b = Booted(linux_image, path, "phase")
+    with booted_guest(linux_image, "phase") as b:
         yield b
-        b.close()
 
 
 @pytest.mark.benchmark(group="phase-overhead")

@@ -114,3 +114,14 @@ def vm_workdir(prefix: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def booted_guest(image: LinuxImage, name: str) -> Iterator[Booted]:
+    """A booted Linux guest with SSH connected, in its own scratch directory."""
+    with vm_workdir(f"{name}-") as path:
+        b = Booted(image, path, name)
+        try:
+            yield b
+        finally:
+            b.close()

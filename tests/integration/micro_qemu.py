@@ -19,6 +19,27 @@ from harness.image.micro import MicroImage
 GUEST_TIMEOUT_S = 120
 
 
+def paused_qemu_argv(qmp_socket: Path, boot_args: list[str]) -> list[str]:
+    """The micro guest under plain QEMU/KVM, paused (-S) until ``cont`` on ``qmp_socket``."""
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        "kvm",
+        "-m",
+        "16",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        *boot_args,
+        "-S",
+        "-qmp",
+        f"unix:{qmp_socket},server=on,wait=off",
+    ]
+
+
 class PausedMicroVM:
     """QEMU running the micro guest, started paused (-S) so a tracer can attach first."""
 
@@ -26,26 +47,9 @@ class PausedMicroVM:
         self.qmp_path = workdir / f"qmp-{image.token}.sock"
         self.qmp_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-accel",
-                "kvm",
-                "-m",
-                "16",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                # The guest as its own firmware: SeaBIOS, when every instruction is
-                # traced, sometimes failed its floppy read or sat for minutes in HLT.
-                "-bios",
-                str(image.rom_path),
-                "-S",
-                "-qmp",
-                f"unix:{self.qmp_path},server=on,wait=off",
-            ],
+            # The guest as its own firmware: SeaBIOS, when every instruction is
+            # traced, sometimes failed its floppy read or sat for minutes in HLT.
+            paused_qemu_argv(self.qmp_path, ["-bios", str(image.rom_path)]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -11,17 +11,15 @@ import pytest
 from harness.guest.base import GuestError, GuestTimeout
 from harness.guest.ssh import SshGuest
 from harness.image.linux import LinuxImage
-from tests.integration.conftest import Booted, vm_workdir
+from tests.integration.conftest import Booted, booted_guest
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def booted(linux_image: LinuxImage) -> Iterator[Booted]:
-    with vm_workdir("guest-") as path:
-        b = Booted(linux_image, path, "guest")
+    with booted_guest(linux_image, "guest") as b:
         yield b
-        b.close()
 
 
 def test_exit_status_and_streams_are_returned_not_raised(booted: Booted) -> None:

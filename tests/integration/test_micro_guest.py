@@ -41,6 +41,7 @@ from harness.image.micro import (
     build_micro_image,
     expected_loop_insns,
 )
+from tests.integration.micro_qemu import paused_qemu_argv
 
 pytestmark = pytest.mark.integration
 
@@ -233,23 +234,7 @@ def run_micro(image: MicroImage, work: Path, *, boot: Boot, count_insns: bool) -
     qmp_sock = work / "qmp.sock"
     with (work / "qemu.err").open("w") as qemu_err:
         qemu = subprocess.Popen(
-            [
-                "qemu-system-x86_64",
-                "-accel",
-                "kvm",
-                "-m",
-                "16",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nodefaults",
-                "-S",
-                "-qmp",
-                f"unix:{qmp_sock},server=on,wait=off",
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                *_boot_args(image, boot, work),
-            ],
+            paused_qemu_argv(qmp_sock, _boot_args(image, boot, work)),
             stdout=subprocess.DEVNULL,
             stderr=qemu_err,
         )
