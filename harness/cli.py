@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, doctor, image, vm, probes, validate."""
+"""The ``harness`` command: run, compare, stacks, doctor, image, vm, probes, validate."""
 
 from __future__ import annotations
 
@@ -10,14 +10,24 @@ import click
 from rich.console import Console
 
 from harness.paths import RESULTS_DIR
-from harness.spec import SpecError, Suite, default_suite_path, load_suite
+from harness.progress import Reporter
+from harness.spec import SpecError, Suite, TraceSpec, WorkloadSpec, default_suite_path, load_suite
 
 SUITE_ARG = click.argument("suite", type=click.Path(path_type=Path), required=False)
 
 
-def _load(suite: Path | None) -> Suite:
+SET_OPTION = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="WORKLOAD.PARAM=VALUE",
+    help="Override a workload parameter for this run (repeatable); checked against its bounds.",
+)
+
+
+def _load(suite: Path | None, overrides: tuple[str, ...] = ()) -> Suite:
     try:
-        return load_suite(suite or default_suite_path())
+        return load_suite(suite or default_suite_path(), overrides)
     except SpecError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -45,13 +55,53 @@ def main() -> None:
     help="Print the result JSON on stdout instead of the table; no progress.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the result path.")
-def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, quiet: bool) -> None:
+@click.option(
+    "--stacks",
+    metavar="PROBE,...",
+    help="Count kernel stacks of these probes per phase ('stacks': the MMU default set); "
+    "overrides the suite's [trace] stacks.",
+)
+@click.option(
+    "--allow-host-changes",
+    is_flag=True,
+    help="Apply the suite's [[host_configs]] one after another (see `harness host plan`); "
+    "the host is restored after each.",
+)
+@SET_OPTION
+def run(
+    suite: Path | None,
+    results_dir: Path,
+    no_trace: bool,
+    as_json: bool,
+    quiet: bool,
+    stacks: str | None,
+    allow_host_changes: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Run SUITE (default: workloads/suites/default.toml) and write its result JSON."""
     from harness.progress import QuietReporter, RichReporter, summary_table
     from harness.run import RunInterrupted, run_suite
 
-    loaded = _load(suite)
+    loaded = _load(suite, overrides)
+    stack_probes = None
+    if stacks is not None:
+        stack_probes = [p.strip() for p in stacks.split(",") if p.strip()]
+        try:  # the same checks as a suite's [trace] stacks
+            TraceSpec(**{**loaded.spec.trace.model_dump(), "stacks": stack_probes})
+        except ValueError as exc:
+            raise click.BadParameter(_first_problem(exc), param_hint="--stacks") from None
     reporter = QuietReporter() if (as_json or quiet) else RichReporter()
+    if loaded.spec.host_configs:
+        if not allow_host_changes:
+            names = ", ".join(c.name for c in loaded.spec.host_configs)
+            raise click.ClickException(
+                f"{loaded.path} lists host configurations ({names}) that change this host; "
+                f"review them with `harness host plan {loaded.path}`, then pass "
+                "--allow-host-changes"
+            )
+        _run_host_configs(loaded, results_dir, reporter, no_trace, quiet or as_json,
+                          stack_probes)
+        return
     try:
         state = run_suite(
             loaded,
@@ -59,6 +109,7 @@ def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, qu
             reporter=reporter,
             trace=False if no_trace else None,
             command_line=sys.argv,
+            stacks=stack_probes,
         )
     except RunInterrupted as exc:
         click.echo(
@@ -77,6 +128,55 @@ def run(suite: Path | None, results_dir: Path, no_trace: bool, as_json: bool, qu
         Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
     click.echo(f"result: {state.path}", err=as_json)
     if result.status != "complete":
+        sys.exit(1)
+
+
+#: Where an applied host configuration's original values wait for restore (cache dir).
+HOST_RESTORE_FILE = "host-config-restore.json"
+
+
+def _run_host_configs(
+    loaded: Suite,
+    results_dir: Path,
+    reporter: Reporter,
+    no_trace: bool,
+    quiet: bool,
+    stacks: list[str] | None,
+) -> None:
+    """The suite once per host configuration: apply, run, restore; one result file each."""
+    from harness.host.mmuconfig import HostConfigError, HostConfigurator, plan, restore_from_file
+    from harness.paths import cache_dir
+    from harness.results import write_atomic
+    from harness.run import RunInterrupted, run_suite
+
+    restore_file = cache_dir() / HOST_RESTORE_FILE
+    try:
+        leftover = restore_from_file(restore_file)  # what a killed run left applied
+        if leftover is not None:
+            click.echo(f"restored what a killed run left: {leftover[0].name}", err=True)
+            if leftover[1]:
+                raise HostConfigError("; ".join(leftover[1]))
+        failed = False
+        for cfg in loaded.spec.host_configs:
+            planned = plan(cfg)
+            click.echo(planned.describe(), err=True)
+            conf = HostConfigurator(restore_file=restore_file)
+            with conf.applied(planned) as record:
+                state = run_suite(loaded, results_dir=results_dir, reporter=reporter,
+                                  trace=False if no_trace else None, command_line=sys.argv,
+                                  stacks=stacks, host_config=record)
+            state.result.host_config = record  # now with restored / restore_errors
+            write_atomic(state.result, state.path)
+            click.echo(f"result ({cfg.name}): {state.path}", err=not quiet)
+            if record.restore_errors:
+                raise HostConfigError("restore failed: " + "; ".join(record.restore_errors))
+            failed |= state.result.status != "complete"
+    except RunInterrupted as exc:
+        click.echo(f"interrupted by {exc}: the host configuration was restored", err=True)
+        sys.exit(128 + exc.signum)
+    except HostConfigError as exc:
+        raise click.ClickException(f"host configuration: {exc}") from exc
+    if failed:
         sys.exit(1)
 
 
@@ -137,6 +237,61 @@ def vm_xml(suite: Path | None, vm_name: str | None) -> None:
             click.echo(xml, nl=False)
 
 
+@main.group()
+def host() -> None:
+    """Host MMU configurations a suite lists (``[[host_configs]]``): plan and restore."""
+
+
+@host.command("plan")
+@SUITE_ARG
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), hidden=True,
+              help="Read /sys under this directory (tests lay out a sysfs tree there).")
+def host_plan(suite: Path | None, root: Path) -> None:
+    """Print what each host configuration of SUITE would change and how; change nothing."""
+    from harness.host.mmuconfig import HostConfigError, plan
+
+    loaded = _load(suite)
+    if not loaded.spec.host_configs:
+        click.echo(f"{loaded.path}: no [[host_configs]]; the suite runs on the host as it is")
+        return
+    impossible: list[str] = []
+    for i, cfg in enumerate(loaded.spec.host_configs):
+        try:
+            planned = plan(cfg, root)
+        except HostConfigError as exc:
+            raise click.ClickException(f"{loaded.path}: host_configs[{i}]: {exc}") from exc
+        click.echo(planned.describe())
+        if planned.impossible:
+            impossible.append(cfg.name)
+    if impossible:
+        raise click.ClickException(
+            f"not applicable on this host: {', '.join(impossible)} (see the reasons above)"
+        )
+    click.echo(f"apply with: harness run {loaded.path} --allow-host-changes "
+               "(each configuration in turn, the host restored after)")
+
+
+@host.command("restore")
+def host_restore() -> None:
+    """Put back a host configuration that a killed run left applied."""
+    from harness.host.mmuconfig import HostConfigError, restore_from_file
+    from harness.paths import cache_dir
+
+    path = cache_dir() / HOST_RESTORE_FILE
+    try:
+        done = restore_from_file(path)
+    except HostConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if done is None:
+        click.echo(f"nothing to restore ({path} does not exist)")
+        return
+    back, errors = done
+    click.echo(back.describe())
+    if errors:
+        raise click.ClickException("restore incomplete: " + "; ".join(errors))
+    click.echo("host configuration restored")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probes(as_json: bool) -> None:
@@ -168,14 +323,223 @@ def probes(as_json: bool) -> None:
         click.echo(f"{mark} {s.probe.kind:<10} {s.probe.target:<36} {s.reason}")
 
 
+def _first_problem(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return str(errors()[0].get("msg", exc)).removeprefix("Value error, ")
+    return str(exc)
+
+
+def _threshold(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    text = value.strip().removesuffix("%")
+    try:
+        pct = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a percentage, e.g. 5%") from None
+    if not 0 <= pct < 1000:
+        raise click.BadParameter(f"{value!r}: must be between 0% and 1000%")
+    return pct / 100
+
+
+def _side_paths(spec: str) -> list[Path]:
+    """A side: comma-separated files, directories or glob patterns."""
+    import glob
+
+    paths: list[Path] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        hits = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not hits:
+            raise click.BadParameter(f"{part!r} matches no file", param_hint="BASE/CANDIDATE")
+        paths.extend(Path(h) for h in hits)
+    return paths
+
+
+@main.command()
+@click.argument("base")
+@click.argument("candidate")
+@click.option(
+    "--threshold", default="5%", show_default=True, callback=_threshold,
+    help="Smallest change of a median that can be a regression or improvement.",
+)
+@click.option(
+    "--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+    show_default=True, help="Level for the corrected p-value (q).",
+)
+@click.option(
+    "--test", "test_name", type=click.Choice(["welch", "mann-whitney"]), default="welch",
+    show_default=True,
+    help="welch: Welch's t on log values (3+ repetitions); mann-whitney: rank test (8+).",
+)
+@click.option(
+    "--correction", type=click.Choice(["bh", "holm"]), default="bh", show_default=True,
+    help="bh: Benjamini-Hochberg false discovery rate; holm: family-wise error.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "md", "json"]), default="table",
+    show_default=True,
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Write the report here.")
+@click.option(
+    "--allow-mismatch", is_flag=True,
+    help="Compare even if guest image, accelerator, VM size or probes differ.",
+)
+def compare(
+    base: str,
+    candidate: str,
+    threshold: float,
+    alpha: float,
+    test_name: str,
+    correction: str,
+    fmt: str,
+    output: Path | None,
+    allow_mismatch: bool,
+) -> None:
+    """Compare result sets BASE and CANDIDATE (kernel A vs B); exit 1 on a regression.
+
+    Each side is a result file, a directory of them, a glob pattern, or a
+    comma-separated list of those; repetitions across runs pool together.
+    Exit status: 0 no regression, 1 regression, 2 bad input or unfair comparison.
+    """
+    from harness.analysis import compare as cmp
+    from harness.analysis import render
+    from harness.analysis.resultset import InputError, load_side
+
+    try:
+        report = cmp.compare(
+            load_side("base", _side_paths(base)),
+            load_side("candidate", _side_paths(candidate)),
+            alpha=alpha,
+            threshold=threshold,
+            test="mann-whitney" if test_name == "mann-whitney" else "welch",
+            correction="holm" if correction == "holm" else "bh",
+            allow_mismatch=allow_mismatch,
+        )
+    except (InputError, click.BadParameter) as exc:
+        click.echo(f"harness compare: {exc}", err=True)
+        sys.exit(cmp.EXIT_BAD_INPUT)
+    text = render.FORMATS[fmt](report)
+    if output is not None:
+        output.write_text(text)
+        click.echo(f"{render.headline(report)}; report: {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    sys.exit(report.exit_status)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def workloads(as_json: bool) -> None:
+    """List the workloads in workloads/: the MMU path each stresses, parameters, metrics."""
+    from harness.paths import WORKLOADS_DIR
+    from harness.spec import load_workload
+
+    problems: list[str] = []
+    found = []
+    for path in sorted(WORKLOADS_DIR.glob("*.toml")):
+        try:
+            found.append(load_workload(path))
+        except SpecError as exc:
+            problems.append(str(exc))
+    if as_json:
+        click.echo(json.dumps([_workload_json(w) for w in found], indent=2))
+    else:
+        for w in found:
+            click.echo(f"{w.name} ({w.guest}): {w.description}")
+            if w.mmu_path:
+                click.echo(f"  mmu path: {w.mmu_path}")
+            for name, p in w.params.items():
+                unit = f" {p.unit}" if p.unit else ""
+                about = f"  {p.description}" if p.description else ""
+                click.echo(f"  param {name} = {p.default!r}{unit}: {p.allowed()}{about}")
+            click.echo(f"  phases: {', '.join(ph.name for ph in w.phases)}")
+            for ph in w.phases:
+                for m in ph.metrics:
+                    better = "higher" if m.higher_is_better else "lower"
+                    click.echo(f"  metric {ph.name}.{m.name} [{m.unit or '-'}] {better} is better")
+    for text in problems:
+        click.echo(text, err=True)
+    if problems:
+        sys.exit(1)
+
+
+def _workload_json(w: WorkloadSpec) -> dict[str, object]:
+    return {
+        "name": w.name,
+        "guest": w.guest,
+        "description": w.description,
+        "mmu_path": w.mmu_path,
+        "params": {
+            name: {**p.model_dump(), "type": p.kind, "allowed": p.allowed()}
+            for name, p in w.params.items()
+        },
+        "phases": [
+            {
+                "name": ph.name,
+                "timeout_s": ph.timeout_s,
+                "metrics": [
+                    {"name": m.name, "unit": m.unit, "higher_is_better": m.higher_is_better}
+                    for m in ph.metrics
+                ],
+            }
+            for ph in w.phases
+        ],
+    }
+
+
+@main.command()
+@click.argument("result", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--phase", help="Only this phase (its name in the workload).")
+@click.option("--probe", help="Only this probe.")
+@click.option("--vm", "vm_name", help="Only this VM.")
+@click.option("--folded", is_flag=True, help="Folded stacks (flamegraph.pl, speedscope, inferno).")
+@click.option(
+    "--min-share", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+    help="Tree: hide paths below this percentage of the probe's events.",
+)
+def stacks(
+    result: Path,
+    phase: str | None,
+    probe: str | None,
+    vm_name: str | None,
+    folded: bool,
+    min_share: float,
+) -> None:
+    """Print the kernel call paths RESULT recorded per phase (run with --stacks to get them)."""
+    from harness.analysis import callpaths
+    from harness.results import ResultError
+    from harness.results import load as load_result
+
+    try:
+        loaded = load_result(result)
+    except ResultError as exc:
+        click.echo(f"harness stacks: {exc}", err=True)
+        sys.exit(2)
+    items = callpaths.collect(loaded, phase=phase, probe=probe, vm=vm_name)
+    if not items:
+        click.echo(
+            f"harness stacks: {result}: no stacks match (fix: run with `harness run --stacks "
+            "stacks` or [trace] stacks in the suite; check --phase/--probe/--vm)",
+            err=True,
+        )
+        sys.exit(2)
+    if folded:
+        click.echo(callpaths.render_folded(items), nl=False)
+    else:
+        click.echo(callpaths.render_tree(items, min_share=min_share / 100), nl=False)
+
+
 @main.command()
 @SUITE_ARG
-def validate(suite: Path | None) -> None:
+@SET_OPTION
+def validate(suite: Path | None, overrides: tuple[str, ...]) -> None:
     """Check SUITE and the workloads it names without booting anything."""
-    loaded = _load(suite)
+    loaded = _load(suite, overrides)
+    groups = "".join(
+        f", group {g.name}: {' + '.join(g.vms)} at once" for g in loaded.spec.groups
+    )
     click.echo(
         f"{loaded.path}: ok ({len(loaded.spec.vms)} VMs, {len(loaded.spec.runs)} runs, "
-        f"workloads: {', '.join(loaded.workloads)})"
+        f"workloads: {', '.join(loaded.workloads)}{groups})"
     )
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-from harness.image import cache as image_cache
-from harness.image.linux import IMAGE_NAME, cached_linux_image, load_recipe, recipe_digest
 from harness.paths import cache_dir
+from harness.platform import platform_for
 from harness.spec import Suite
-from harness.vm import configs, lifecycle
+from harness.vm import lifecycle
 from harness.vm.domain import domain_xml
 
 RUN_ID = "RUNID"  # stands for the run id a real run generates
@@ -26,37 +25,7 @@ def preview_domains(
     """
     run_dir = cache_dir() / "runs" / RUN_ID
     for vm in suite.spec.vms:
-        name = lifecycle.domain_name(RUN_ID, vm.name)
-        if vm.image == "micro":
-            cfg = configs.micro_config(
-                name=name,
-                memory_mib=vm.memory_mib,
-                rom=run_dir / f"{vm.name}-1" / "micro.rom",
-                console_log=run_dir / f"{vm.name}-1" / "console.log",
-            )
-            yield vm.name, domain_xml(cfg)
-            continue
-        image = cached_linux_image()
-        if image is not None:
-            kernel, initrd, cmdline, note = image.kernel, image.initrd, image.cmdline, ""
-        else:
-            where = image_cache.entry_dir(IMAGE_NAME, recipe_digest())
-            kernel, initrd, cmdline = (
-                where / "vmlinuz",
-                where / "initrd.cpio",
-                load_recipe().cmdline,
-            )
-            note = "<!-- image not built yet: `harness image build linux` creates these paths -->\n"
-        cfg = configs.linux_config(
-            name=name,
-            accelerator=accelerator(vm.accelerator),
-            memory_mib=vm.memory_mib,
-            vcpus=vm.vcpus,
-            kernel=kernel,
-            initrd=initrd,
-            cmdline=cmdline,
-            overlay=run_dir / f"{vm.name}.qcow2",
-            console_log=run_dir / f"{vm.name}.console.log",
-            ssh_port=2222,
+        cfg, note = platform_for(vm.image).preview_config(
+            vm, lifecycle.domain_name(RUN_ID, vm.name), run_dir, accelerator
         )
         yield vm.name, note + domain_xml(cfg)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.host.facts import HostFacts
+from harness.host.mmuconfig import HostConfigRecord
 from harness.trace.model import PhaseTrace, TraceSummary
 
 SCHEMA_VERSION = 1
@@ -39,6 +40,20 @@ class CrossCheck(_Model):
     traced_value: int
     difference: int  # kvm_value - traced_value; non-zero means lost or extra events
     exact: bool  # whether the two are defined to be equal, or only to track each other
+
+
+class MetricInfo(_Model):
+    """What one workload metric means: copied from the workload TOML at run time."""
+
+    unit: str = ""
+    higher_is_better: bool = True
+
+
+class WorkloadInfo(_Model):
+    """A workload's metric definitions, so analysis needs only the result file."""
+
+    description: str = ""
+    metrics: dict[str, MetricInfo] = {}
 
 
 class PhaseResult(_Model):
@@ -93,10 +108,20 @@ class VmRecord(_Model):
     accelerator_reason: str
     vcpus: int
     memory_mib: int
+    group: str | None = Field(
+        default=None,
+        description="the suite's concurrent group this VM ran in, beside its other members; "
+        "None: it ran alone",
+    )
     qemu_pid: int | None = None
     marker_token: int
     boot_to_ready_s: float | None = Field(default=None, description="domain start to SSH answering")
     console_log: str | None = None
+    image_recipe: str | None = Field(
+        default=None,
+        description="digest of what the image was built from, without per-boot values such as "
+        "the marker token: equal recipes boot the same guest (None: use image_digest)",
+    )
     trace: TraceSummary | None = Field(default=None, description="the tracer of this boot")
 
 
@@ -113,7 +138,10 @@ class RunResult(_Model):
 
     schema_version: int = SCHEMA_VERSION
     run_id: str
-    status: Literal["running", "complete", "incomplete", "failed"]
+    status: Literal["running", "complete", "incomplete", "failed", "killed"] = Field(
+        description="killed: the harness process died without a word (SIGKILL, power loss); "
+        "a later run found its leftovers and said so here"
+    )
     started_at: datetime
     finished_at: datetime | None = None
     harness_version: str
@@ -122,8 +150,16 @@ class RunResult(_Model):
     host: HostFacts
     vms: list[VmRecord] = []
     runs: list[WorkloadRun] = []
+    workloads: dict[str, WorkloadInfo] = Field(
+        default_factory=dict, description="workload name -> what its metrics mean"
+    )
     errors: list[str] = []
     notes: list[str] = []
+    host_config: HostConfigRecord | None = Field(
+        default=None,
+        description="the host MMU configuration (suite [[host_configs]]) this run was made "
+        "under: each setting before, wanted and read back after; None: the host as it was",
+    )
 
 
 def json_schema() -> dict[str, Any]:
@@ -168,6 +204,24 @@ def load(path: Path) -> RunResult:
             f"{SCHEMA_VERSION} (fix: use the harness version that wrote it)"
         )
     return RunResult.model_validate(data)
+
+
+def mark_killed(path: Path, note: str) -> bool:
+    """Say in a dead run's file that it was killed; its measured phases stay as they are.
+
+    Only a file still claiming ``running`` is changed (its process is known to
+    be gone); anything unreadable is left alone. Returns whether it was changed.
+    """
+    try:
+        result = load(path)
+    except (ResultError, ValueError):
+        return False
+    if result.status != "running":
+        return False
+    result.status = "killed"
+    result.errors.append(note)
+    write_atomic(result, path)
+    return True
 
 
 if __name__ == "__main__":

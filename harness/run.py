@@ -1,20 +1,21 @@
 """The orchestrator: a validated suite in, a result file out.
 
-For each VM of the suite, one boot at a time:
+One loop, whatever the guests are. The suite is cut into rounds: a VM on its
+own is a round of one; the VMs of a ``[[groups]]`` entry run their boots
+side by side, one round per boot. Each round:
 
-    image ─► overlay + domain ─► guest ready ─► tracer attached
-          ─► for each workload, repetition and phase:
-                 host marker + guest marker ─► command ─► markers ─► tracer dump
-                 ─► phase record appended, result file rewritten
-          ─► tracer stopped ─► domain destroyed, overlay deleted
+    boot every VM (in parallel, each in its own thread; platform: start,
+        wait until the tracer may attach: paused, or SSH answering)
+    ─► one tracer attached to all of them (one program, one target per VM)
+    ─► drive every VM (in parallel; platform: run and mark its phases,
+        write each finished phase into the result file), then tear it down
+    ─► tracer stopped ─► per-VM trace summaries ─► self-driven phases collected
 
-Self-driven guests (the micro KVM guest) run their phases from boot: the
-domain starts paused, the tracer attaches to its QEMU, then the vCPUs run
-and the phases are read back from the markers.
-
-Everything started is registered on an ExitStack as it is started, so an
-exception, SIGINT or SIGTERM unwinds it in reverse; the result file already
-holds every finished phase and is marked incomplete.
+What differs between kinds of guest lives in ``harness.platform``. Everything
+started is registered for teardown as it is started, so an exception,
+SIGINT or SIGTERM undoes it in reverse, in every VM at once; the result file
+already holds every finished phase and is marked incomplete. Signals reach
+the main thread only, so the main thread is always the one waiting.
 """
 
 from __future__ import annotations
@@ -23,40 +24,36 @@ import contextlib
 import secrets
 import shutil
 import signal
-import time
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import zip_longest
 from pathlib import Path
 from types import FrameType
 
-import libvirt
-
-from harness import __version__, metrics
-from harness.guest.base import Guest, GuestError, GuestTimeout
-from harness.guest.ssh import SshGuest
-from harness.host.facts import HostFacts, choose_accelerator, collect_host_facts
-from harness.image.linux import LinuxImage, build_linux_image
-from harness.image.micro import MicroPhase, build_micro_image
+from harness import __version__, tracing
+from harness.host.facts import collect_host_facts
+from harness.host.mmuconfig import HostConfigRecord
 from harness.paths import RESULTS_DIR, cache_dir
+from harness.platform import platform_for
+from harness.platform.base import BootPlan, RunContext, Session
 from harness.progress import QuietReporter, Reporter
 from harness.results import (
-    CrossCheck,
-    PhaseResult,
+    MetricInfo,
     RunResult,
     SuiteRef,
     VmRecord,
-    WorkloadRun,
-    write_atomic,
+    WorkloadInfo,
+    mark_killed,
 )
-from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec, WorkloadSpec
-from harness.trace import correlate, crosscheck, kvmstats, probes
-from harness.trace.model import PhaseTrace, TraceSummary
+from harness.runstate import Cancelled, RunState, Teardown
+from harness.spec import Suite
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer, TracerError
-from harness.vm import configs, lifecycle
+from harness.vm import lifecycle
 
-TAIL_CHARS = 2000
+#: How long VM threads get to notice a teardown before the run ends without them.
+THREAD_GRACE_S = 30.0
 
 
 class RunInterrupted(BaseException):
@@ -71,28 +68,6 @@ class RunInterrupted(BaseException):
         self.signum = signum
 
 
-@dataclass
-class RunState:
-    """The run being recorded: where it lives and how to persist it."""
-
-    result: RunResult
-    path: Path
-    run_dir: Path
-    reporter: Reporter
-    trace_enabled: bool
-    probe_names: list[str]
-    _phase_no: dict[str, int] = field(default_factory=dict)
-
-    def save(self) -> None:
-        """Rewrite the result file atomically."""
-        write_atomic(self.result, self.path)
-
-    def next_phase(self, vm_boot: str) -> int:
-        """Phase numbers are unique per boot: they key the tracer's maps."""
-        self._phase_no[vm_boot] = self._phase_no.get(vm_boot, 0) + 1
-        return self._phase_no[vm_boot]
-
-
 def new_run_id() -> str:
     """Sortable by time, unique across hosts that start in the same second."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
@@ -105,11 +80,15 @@ def run_suite(
     reporter: Reporter | None = None,
     trace: bool | None = None,
     command_line: Sequence[str] = (),
+    stacks: Sequence[str] | None = None,
+    host_config: HostConfigRecord | None = None,
 ) -> RunState:
     """Run every workload of ``suite`` and write ``results_dir/<run-id>.json``.
 
-    Returns the final state; raises RunInterrupted on SIGINT/SIGTERM after
-    cleaning up and marking the result incomplete.
+    ``host_config`` is the host MMU configuration applied around this run
+    (by the caller), recorded in the result. Returns the final state; raises
+    RunInterrupted on SIGINT/SIGTERM after cleaning up and marking the result
+    incomplete.
     """
     reporter = reporter or QuietReporter()
     run_id = new_run_id()
@@ -122,6 +101,18 @@ def run_suite(
         command_line=list(command_line),
         suite=SuiteRef(name=suite.spec.name, path=str(suite.path), sha256=suite.sha256),
         host=facts,
+        host_config=host_config,
+        workloads={
+            name: WorkloadInfo(
+                description=w.description,
+                metrics={
+                    m.name: MetricInfo(unit=m.unit, higher_is_better=m.higher_is_better)
+                    for phase in w.phases
+                    for m in phase.metrics
+                },
+            )
+            for name, w in suite.workloads.items()
+        },
     )
     runs_dir = cache_dir() / "runs"
     state = RunState(
@@ -131,36 +122,192 @@ def run_suite(
         reporter,
         suite.spec.trace.enabled if trace is None else trace,
         list(suite.spec.trace.probes),
+        stack_probes=list(suite.spec.trace.stacks if stacks is None else stacks),
+        stack_depth=suite.spec.trace.stack_depth,
+        stack_offsets=suite.spec.trace.stack_offsets,
     )
     conn = lifecycle.connect()
     try:
-        for note in lifecycle.reap_leftovers(conn, runs_dir, reporter.step):
+        def killed(run_dir: Path, result_file: Path, owner: str) -> bool:
+            return mark_killed(
+                result_file,
+                f"killed: its harness process (pid {owner}) was gone when run {run_id} found "
+                f"its leftovers at {datetime.now(UTC).isoformat(timespec='seconds')}; the "
+                "phases recorded before are kept as they were",
+            )
+
+        for note in lifecycle.reap_leftovers(conn, runs_dir, reporter.step, killed):
             result.notes.append(f"reaped leftover of a killed run: {note}")
-        lifecycle.claim_run_dir(state.run_dir)
+        lifecycle.claim_run_dir(state.run_dir, state.path)
         state.save()
         reporter.step(f"run {run_id}: results in {state.path}")
+        ctx = RunContext(state, conn, facts)
         with _signals_raise(), contextlib.ExitStack() as stack:
             stack.callback(_remove_run_dir, state.run_dir)
-            for vm in suite.spec.vms:
-                runs = [r for r in suite.spec.runs if r.vm == vm.name]
-                if runs:
-                    _run_vm(state, suite, vm, runs, facts, conn)
-        # Complete means everything asked for was measured, traces included.
-        ok = all(r.status == "ok" for r in result.runs) and not result.errors
-        result.status = "complete" if ok else "failed"
+            for plans in plan_rounds(suite):
+                _run_round(ctx, plans)
+        with state.lock:
+            # Complete means everything asked for was measured, traces included.
+            ok = all(r.status == "ok" for r in result.runs) and not result.errors
+            result.status = "complete" if ok else "failed"
     except RunInterrupted as exc:
-        result.status = "incomplete"
-        result.errors.append(f"interrupted by {exc} before the suite finished")
+        with state.lock:
+            result.status = "incomplete"
+            result.errors.append(f"interrupted by {exc} before the suite finished")
         raise
     except BaseException as exc:
-        result.status = "incomplete" if isinstance(exc, KeyboardInterrupt) else "failed"
-        result.errors.append(f"{type(exc).__name__}: {exc}")
+        with state.lock:
+            result.status = "incomplete" if isinstance(exc, KeyboardInterrupt) else "failed"
+            result.errors.append(f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        result.finished_at = datetime.now(UTC)
-        state.save()
+        with state.lock:
+            result.finished_at = datetime.now(UTC)
+            state.close()
         conn.close()
     return state
+
+
+def plan_rounds(suite: Suite) -> list[list[BootPlan]]:
+    """The boots of the suite, as rounds of boots that run at the same time.
+
+    A VM outside any group makes rounds of one. A group makes one round per
+    boot index of its members (the micro guest boots once per repetition),
+    placed where its first member appears among the suite's VMs.
+    """
+    group_of = {name: g for g in suite.spec.groups for name in g.vms}
+    rounds: list[list[BootPlan]] = []
+    done: set[str] = set()
+    for vm in suite.spec.vms:
+        if vm.name in done:
+            continue
+        group = group_of.get(vm.name)
+        members = [suite.spec.vm(n) for n in group.vms] if group else [vm]
+        done |= {m.name for m in members}
+        boots = [
+            platform_for(m.image).plan(
+                suite,
+                m,
+                [r for r in suite.spec.runs if r.vm == m.name],
+                group.name if group else None,
+            )
+            for m in members
+        ]
+        rounds += [[b for b in r if b is not None] for r in zip_longest(*boots)]
+    return rounds
+
+
+class _Unit:
+    """A session in a round: its own teardown, its thread, what it raised."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.teardown = Teardown()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def name(self) -> str:
+        return self.session.plan.name
+
+
+def _run_round(ctx: RunContext, plans: list[BootPlan]) -> None:
+    """Boot, trace, drive and collect the VMs of one round; see the module docstring."""
+    state = ctx.state
+    units = [_Unit(platform_for(p.vm.image).session(ctx, p)) for p in plans]
+    shared = Teardown()  # the tracer: outlives every VM of the round
+    try:
+        _in_threads(units, lambda u: _boot(u, state))
+        if failed := [u for u in units if u.error is not None]:
+            # Neighbours measured without the neighbour they were meant to have
+            # would be mislabelled: a failed boot ends the round for all.
+            raise _first_error(state, failed)
+        traced = [_booted(u.session) for u in units]
+        label = units[0].name if len(units) == 1 else f"{plans[0].group}-{units[0].name}"
+        tracer = tracing.start_tracer(state, traced, shared, label)
+        _in_threads(units, lambda u: _drive(u, tracer))
+        snapshot = None if tracer is None else tracing.finish_tracer(state, tracer, traced)
+        for u in units:
+            try:
+                u.session.collect(snapshot)
+            except Exception as exc:  # one VM's records must not cost the others theirs
+                u.error = u.error or exc
+        if failed := [u for u in units if u.error is not None]:
+            raise _first_error(state, failed)
+    except BaseException:
+        state.cancel.set()
+        raise
+    finally:
+        # Everything of the round is undone, also for VMs whose threads are stuck,
+        # and also when SIGINT arrives in the middle of undoing it.
+        pending: BaseException | None = None
+        for teardown in [*(u.teardown for u in units), shared]:
+            try:
+                teardown.close()
+            except BaseException as exc:
+                pending = pending or exc
+        for u in units:
+            if u.thread is not None:
+                u.thread.join(THREAD_GRACE_S if state.cancel.is_set() else None)
+        if pending is not None:
+            raise pending
+
+
+def _boot(u: _Unit, state: RunState) -> None:
+    try:
+        u.session.boot(u.teardown)
+    except BaseException:
+        # The round will not run: neighbours still booting stop waiting for SSH.
+        state.cancel.set()
+        raise
+
+
+def _booted(session: Session) -> tuple[TraceTarget, VmRecord]:
+    assert session.target is not None and session.record is not None, "boot() sets both"
+    return session.target, session.record
+
+
+def _drive(u: _Unit, tracer: Tracer | None) -> None:
+    try:
+        if tracer is None and u.session.needs_tracer:
+            raise TracerError(
+                f"VM {u.session.plan.vm.name!r}: its phases are measured only by the tracer, "
+                "which is not running (see the tracer error above)"
+            )
+        u.session.drive(tracer)
+    finally:
+        u.teardown.close()  # per VM: a VM that is done does not wait for its neighbours
+
+
+def _in_threads(units: list[_Unit], fn: Callable[[_Unit], None]) -> None:
+    """Run ``fn(unit)`` for every unit at once, each in its own thread, and wait for all.
+
+    The main thread only waits, in short joins, so SIGINT/SIGTERM raise
+    RunInterrupted here promptly. What a thread raises is kept on its unit.
+    """
+
+    def body(u: _Unit) -> None:
+        try:
+            fn(u)
+        except BaseException as exc:  # kept for the main thread; a thread cannot raise to it
+            u.error = exc
+
+    for u in units:
+        u.thread = threading.Thread(target=body, args=(u,), name=f"vm-{u.name}", daemon=True)
+        u.thread.start()
+    for u in units:
+        while u.thread is not None and u.thread.is_alive():
+            u.thread.join(0.2)
+
+
+def _first_error(state: RunState, failed: list[_Unit]) -> BaseException:
+    """Record every failure but the first, which the caller raises (and the run records)."""
+    real = [u for u in failed if not isinstance(u.error, Cancelled)] or failed
+    for u in real[1:]:
+        state.error(f"VM {u.name}: {type(u.error).__name__}: {u.error}")
+    error = real[0].error
+    assert error is not None
+    return error
 
 
 @contextlib.contextmanager
@@ -182,427 +329,3 @@ def _signals_raise() -> Iterator[None]:
 
 def _remove_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _run_vm(
-    state: RunState,
-    suite: Suite,
-    vm: VmSpec,
-    runs: list[RunSpec],
-    facts: HostFacts,
-    conn: libvirt.virConnect,
-) -> None:
-    if vm.image == "micro":
-        for run in runs:
-            for rep in range(1, suite.repetitions(run) + 1):
-                _run_micro_boot(state, suite.workloads[run.workload], run, rep, vm, facts, conn)
-    else:
-        _run_linux_boot(state, suite, vm, runs, facts, conn)
-
-
-# --- Linux guests over SSH --------------------------------------------------------------
-
-
-def _run_linux_boot(
-    state: RunState,
-    suite: Suite,
-    vm: VmSpec,
-    runs: list[RunSpec],
-    facts: HostFacts,
-    conn: libvirt.virConnect,
-) -> None:
-    rep = state.reporter
-    accel, reason = choose_accelerator(vm.accelerator, facts)
-    rep.step("image linux: checking cache (builds from Debian packages on first use)")
-    image = build_linux_image(progress=rep.step)
-    token = _token()
-    boot_id = f"{vm.name}@{len(state.result.vms)}"
-    record = VmRecord(
-        name=vm.name,
-        domain=lifecycle.domain_name(state.result.run_id, vm.name),
-        image="linux",
-        image_digest=image.digest,
-        image_packages={"kernel": image.kernel_release, **image.packages},
-        accelerator=accel,
-        accelerator_reason=reason,
-        vcpus=vm.vcpus,
-        memory_mib=vm.memory_mib,
-        marker_token=token,
-    )
-    state.result.vms.append(record)
-    with contextlib.ExitStack() as stack:
-        running = _boot_linux(state, conn, vm, image, record, stack)
-        guest = _wait_for_ssh(running, image, vm)
-        stack.callback(guest.close)
-        record.boot_to_ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
-        rep.step(
-            f"vm {vm.name}: SSH ready after {record.boot_to_ready_s:.1f} s ({accel}: {reason})"
-        )
-        state.save()
-        target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
-        tracer = _start_tracer(state, [target], record, stack)
-        for run in runs:
-            workload = suite.workloads[run.workload]
-            for n in range(1, suite.repetitions(run) + 1):
-                _run_linux_workload(
-                    state,
-                    guest,
-                    workload,
-                    run,
-                    n,
-                    target,
-                    tracer,
-                    boot_id,
-                    record,
-                    lambda: kvm_stats(running.domain),
-                )
-        if tracer is not None:
-            _finish_tracer(tracer, record)
-
-
-def _boot_linux(
-    state: RunState,
-    conn: libvirt.virConnect,
-    vm: VmSpec,
-    image: LinuxImage,
-    record: VmRecord,
-    stack: contextlib.ExitStack,
-) -> lifecycle.RunningVm:
-    overlay = state.run_dir / f"{vm.name}.qcow2"
-    lifecycle.create_overlay(image.disk, overlay)
-    stack.callback(overlay.unlink, missing_ok=True)
-    console = state.run_dir / f"{vm.name}.console.log"
-    kept = state.path.with_name(f"{state.path.stem}.{console.name}")
-    record.console_log = str(kept)
-    cfg = configs.linux_config(
-        name=record.domain,
-        accelerator=record.accelerator,
-        memory_mib=vm.memory_mib,
-        vcpus=vm.vcpus,
-        kernel=image.kernel,
-        initrd=image.initrd,
-        cmdline=image.cmdline,
-        overlay=overlay,
-        console_log=console,
-        ssh_port=lifecycle.free_port(),
-    )
-    state.reporter.step(f"vm {vm.name}: starting {record.domain}")
-    running = lifecycle.start(conn, cfg)
-    # The run directory is deleted at the end; the console log is evidence.
-    stack.callback(_copy_if_exists, console, kept)
-    stack.callback(lifecycle.destroy, running)
-    record.qemu_pid = running.pid
-    return running
-
-
-def _copy_if_exists(src: Path, dest: Path) -> None:
-    if src.exists():
-        shutil.copyfile(src, dest)
-
-
-def _wait_for_ssh(running: lifecycle.RunningVm, image: LinuxImage, vm: VmSpec) -> SshGuest:
-    assert running.ssh_port is not None
-    try:
-        return SshGuest.connect(
-            "127.0.0.1",
-            running.ssh_port,
-            user=image.ssh_user,
-            key_file=image.ssh_private_key,
-            host_key=image.host_key,
-            deadline_s=vm.boot_timeout_s,
-        )
-    except GuestError as exc:
-        raise GuestError(
-            f"{vm.name} did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}\n"
-            f"last console lines ({running.console_log}):\n"
-            f"{lifecycle.console_tail(running.console_log)}"
-        ) from exc
-
-
-def _run_linux_workload(
-    state: RunState,
-    guest: Guest,
-    workload: WorkloadSpec,
-    run: RunSpec,
-    repetition: int,
-    target: TraceTarget,
-    tracer: Tracer | None,
-    boot_id: str,
-    record: VmRecord,
-    stats: Callable[[], dict[str, int] | None],
-) -> None:
-    params = {**workload.params, **run.params}
-    wrun = WorkloadRun(
-        workload=workload.name, vm=run.vm, repetition=repetition, params=params, status="incomplete"
-    )
-    state.result.runs.append(wrun)
-    state.save()  # the file shows what is running, not only what finished
-    for spec in workload.phases:
-        number = state.next_phase(boot_id)
-        phase = run_linux_phase(guest, workload, spec, params, number, target, tracer, stats)
-        if tracer is not None:
-            _trace_phase(tracer, target, phase, record, state.result.errors)
-        wrun.phases.append(phase)
-        state.save()
-        state.reporter.phase(wrun, phase)
-        if phase.status != "ok":
-            wrun.status = "failed"
-            state.save()
-            return  # later phases of this repetition depend on this one
-    wrun.status = "ok"
-    state.save()
-
-
-def run_linux_phase(
-    guest: Guest,
-    workload: WorkloadSpec,
-    spec: PhaseSpec,
-    params: dict[str, str | int | float],
-    number: int,
-    target: TraceTarget,
-    tracer: Tracer | None,
-    stats: Callable[[], dict[str, int] | None],
-) -> PhaseResult:
-    """Run one phase: host marker, guest command between guest markers, host marker.
-
-    Returns the phase record without its trace (fetched by the caller) so the
-    benchmark can time exactly this path.
-    """
-    command = workload.render(spec, params)
-    phase = PhaseResult(
-        index=number, name=spec.name, command=command, started_at=datetime.now(UTC), status="error"
-    )
-    stats_before = stats()
-    start_ns = tracer.mark_phase(target, number) if tracer else time.monotonic_ns()
-    try:
-        out = guest.run(
-            guest.phase_command(command, target.token, number), timeout_s=spec.timeout_s
-        )
-    except GuestTimeout as exc:
-        phase.status, phase.error = "timeout", str(exc)
-        phase.stdout_tail, phase.stderr_tail = exc.stdout[-TAIL_CHARS:], exc.stderr[-TAIL_CHARS:]
-    except GuestError as exc:
-        phase.status, phase.error = "error", str(exc)
-    else:
-        phase.exit_status = out.exit_status
-        phase.status = "ok" if out.exit_status == 0 else "failed"
-        phase.stdout_tail, phase.stderr_tail = out.stdout[-TAIL_CHARS:], out.stderr[-TAIL_CHARS:]
-        phase.metrics, phase.metrics_missing = metrics.extract(spec, out.stdout + "\n" + out.stderr)
-        if out.exit_status != 0:
-            phase.error = f"exit status {out.exit_status}"
-    end_ns = tracer.mark_phase(target, 0) if tracer else time.monotonic_ns()
-    phase.start_ns, phase.end_ns = start_ns, end_ns
-    phase.duration_s = round((end_ns - start_ns) / 1e9, 6)
-    stats_after = stats()
-    if stats_before is not None and stats_after is not None:
-        phase.kvm_stats = kvmstats.diff(stats_before, stats_after)
-    return phase
-
-
-# --- self-driven guests (micro) ---------------------------------------------------------
-
-
-def _run_micro_boot(
-    state: RunState,
-    workload: WorkloadSpec,
-    run: RunSpec,
-    repetition: int,
-    vm: VmSpec,
-    facts: HostFacts,
-    conn: libvirt.virConnect,
-) -> None:
-    rep = state.reporter
-    if not facts.kvm_device:
-        raise lifecycle.VmError(
-            f"VM {vm.name!r}: the micro guest needs /dev/kvm "
-            "(fix: load kvm, or run `harness doctor`)"
-        )
-    token = _token()
-    out_dir = state.run_dir / f"{vm.name}-{repetition}"
-    out_dir.mkdir(mode=0o755)
-    micro = build_micro_image(
-        out_dir, [MicroPhase(p.name, p.pages or 1, p.repeat) for p in workload.phases], token
-    )
-    if micro.rom_path is None or micro.rom_digest is None:
-        raise lifecycle.VmError(f"{out_dir}: the micro image build produced no ROM")
-    record = VmRecord(
-        name=vm.name,
-        domain=lifecycle.domain_name(state.result.run_id, f"{vm.name}-{repetition}"),
-        image="micro",
-        image_digest=micro.rom_digest,
-        accelerator="kvm",
-        accelerator_reason="the micro guest runs under KVM even where stock guests cannot",
-        vcpus=1,
-        memory_mib=vm.memory_mib,
-        marker_token=token,
-    )
-    state.result.vms.append(record)
-    wrun = WorkloadRun(
-        workload=workload.name,
-        vm=vm.name,
-        repetition=repetition,
-        params=run.params,
-        status="incomplete",
-    )
-    state.result.runs.append(wrun)
-    cfg = configs.micro_config(
-        name=record.domain,
-        memory_mib=vm.memory_mib,
-        rom=micro.rom_path,
-        console_log=out_dir / "console.log",
-    )
-    with contextlib.ExitStack() as stack:
-        running = lifecycle.start(conn, cfg, paused=True)
-        stack.callback(lifecycle.destroy, running)
-        record.qemu_pid = running.pid
-        target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
-        tracer = _start_tracer(state, [target], record, stack, required=True)
-        assert tracer is not None
-        rep.step(f"vm {vm.name}: micro guest #{repetition} running (token {token:#06x})")
-        lifecycle.resume(running)
-        finished = lifecycle.wait_stopped(running, vm.boot_timeout_s)
-        snapshot = tracer.stop()
-        record.trace = tracer.summary(snapshot)
-        numbers = list(range(1, len(workload.phases) + 1))
-        traces = correlate.phase_traces(
-            snapshot, target, numbers, attached=record.trace.probes_attached
-        )
-    for number, spec in zip(numbers, workload.phases, strict=True):
-        wrun.phases.append(_micro_phase(spec, number, traces, finished))
-    wrun.status = "ok" if all(p.status == "ok" for p in wrun.phases) else "failed"
-    state.save()
-    for phase in wrun.phases:
-        rep.phase(wrun, phase)
-
-
-def _micro_phase(
-    spec: PhaseSpec, number: int, traces: dict[int, PhaseTrace], finished: bool
-) -> PhaseResult:
-    trace = traces.get(number)
-    phase = PhaseResult(
-        index=number, name=spec.name, status="ok", timing="guest-marker", trace=trace
-    )
-    # A phase runs from its own marker to the next one (phase k+1, or 0 after the last).
-    start = trace.marker_ns if trace else None
-    # Phase 0 is the marker after the last phase; numbers are consecutive from 1.
-    after = traces.get(number + 1) or traces.get(0)
-    end = after.marker_ns if after is not None else None
-    if trace is None or start is None or trace.markers_seen != 1:
-        phase.status = "error"
-        phase.error = (
-            f"phase marker seen {trace.markers_seen if trace else 0} times, expected 1"
-            + ("" if finished else "; the guest did not finish in time")
-        )
-    elif end is None:
-        phase.status = "error"
-        phase.error = "no marker after this phase: the guest stopped inside it"
-    else:
-        phase.start_ns, phase.end_ns = start, end
-        phase.duration_s = round((end - start) / 1e9, 6)
-        phase.metrics = {
-            "pages": float(spec.pages or 0),
-            "pages_per_s": (spec.pages or 0) * spec.repeat / max(phase.duration_s, 1e-9),
-        }
-    return phase
-
-
-# --- tracing ----------------------------------------------------------------------------
-
-
-def kvm_stats(domain: libvirt.virDomain) -> dict[str, int] | None:
-    """KVM's own counters for a domain (QEMU query-stats); None where KVM keeps none (TCG).
-
-    debugfs would not need QEMU's help, but kernel lockdown makes its stat
-    files unreadable on some hosts, and QEMU's answer is the same counters.
-    """
-    try:
-        values = kvmstats.read_libvirt_stats(domain)
-    except Exception:  # a monitor hiccup must not fail the phase; None says "unknown"
-        return None
-    return values or None
-
-
-def _token() -> int:
-    return secrets.randbelow(0xFFFF) + 1
-
-
-def _start_tracer(
-    state: RunState,
-    targets: list[TraceTarget],
-    record: VmRecord,
-    stack: contextlib.ExitStack,
-    *,
-    required: bool = False,
-) -> Tracer | None:
-    """Attach the tracer; without it a Linux run still measures, a micro run cannot."""
-    if not state.trace_enabled:
-        record.trace = TraceSummary(tracer_status="disabled")
-        return None
-    selected = probes.select(state.probe_names)
-    # The tracer checks availability itself and records what it could not attach.
-    # The MMU mode lets availability note probes that attach but never fire (kvm_exit on PVM).
-    view = probes.HostView.probe(mmu_mode=state.result.host.mmu_mode)
-    tracer = Tracer(selected, targets, workdir=state.run_dir / f"trace-{record.domain}", view=view)
-    stack.enter_context(tracer)
-    try:
-        tracer.start()
-    except TracerError as exc:
-        record.trace = TraceSummary(tracer_status="not-started", tracer_error=str(exc))
-        state.result.errors.append(f"tracer did not start for {record.name}: {exc}")
-        if required:
-            raise
-        return None
-    record.trace = tracer.summary()
-    state.reporter.step(
-        f"tracer attached: {len(record.trace.probes_attached)} probes, "
-        f"{len(record.trace.probes_not_attached)} unavailable"
-    )
-    return tracer
-
-
-def _trace_phase(
-    tracer: Tracer, target: TraceTarget, phase: PhaseResult, record: VmRecord, errors: list[str]
-) -> None:
-    """Attach the aggregates of a finished phase; a dead tracer is recorded, not hidden.
-
-    The workload goes on without it: its own numbers are still worth having,
-    and the result says from which phase on the trace is missing.
-    """
-    was_ok = record.trace is not None and record.trace.tracer_status == "ok"
-    try:
-        snapshot = tracer.snapshot()
-    except TracerError as exc:
-        record.trace = tracer.summary()
-        record.trace.tracer_status = "died"
-        if record.trace.tracer_error is None:
-            record.trace.tracer_error = str(exc)
-        if was_ok:
-            errors.append(
-                f"tracer of VM {record.name} died during phase {phase.index} "
-                f"({phase.name}); later phases are untraced: {record.trace.tracer_error}"
-            )
-        return
-    attached = record.trace.probes_attached if record.trace else []
-    phase.trace = correlate.phase_traces(snapshot, target, [phase.index], attached=attached).get(
-        phase.index
-    )
-    if phase.kvm_stats is not None:
-        traced = crosscheck.host_window_counts(snapshot, target.pid, phase.index)
-        phase.cross_checks = [
-            CrossCheck(
-                kvm_stat=c.kvm_stat,
-                traced=c.probe,
-                kvm_value=c.kvm_value,
-                traced_value=c.traced_value,
-                difference=c.difference,
-                exact=c.exact,
-            )
-            for c in crosscheck.compare(phase.kvm_stats, traced, attached)
-        ]
-
-
-def _finish_tracer(tracer: Tracer, record: VmRecord) -> None:
-    snapshot = None
-    with contextlib.suppress(TracerError):
-        snapshot = tracer.stop()
-    record.trace = tracer.summary(snapshot)

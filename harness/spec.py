@@ -11,32 +11,55 @@ import re
 import shlex
 import string
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.host.mmuconfig import HostConfigSpec
+from harness.image.paging import PagingImageError, PagingPhase, validate_paging_params
 from harness.paths import SUITES_DIR, WORKLOADS_DIR
+from harness.trace import probes
+from harness.trace.program import DEFAULT_STACK_DEPTH, MAX_STACK_DEPTH
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 MetricName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 ParamValue = str | int | float
-GuestKind = Literal["linux", "micro"]
+GuestKind = Literal["linux", "micro", "paging"]
 M = TypeVar("M", bound=BaseModel)
 
 #: Which guest kind each built-in image boots; a Windows image joins this table.
-IMAGE_GUEST_KIND: dict[str, GuestKind] = {"linux": "linux", "micro": "micro"}
+IMAGE_GUEST_KIND: dict[str, GuestKind] = {
+    "linux": "linux", "micro": "micro", "paging": "paging"
+}
 
 
 class SpecError(Exception):
-    """A spec file is wrong; the message names file, field, reason and a fix."""
+    """A spec file is wrong; the message names file, field, reason and a fix.
+
+    ``problems`` lists every error found in the file (this one first); the
+    message has one line per problem, so a user fixes them all in one go.
+    """
 
     def __init__(self, path: Path, field: str, reason: str, fix: str = "") -> None:
         self.path, self.field, self.reason, self.fix = path, field, reason, fix
         where = f"{path}" + (f":{line}" if (line := _line_of(path, field)) else "")
         text = f"{where}: {field}: {reason}" if field else f"{where}: {reason}"
+        self.problems: list[SpecError] = [self]
         super().__init__(text + (f" (fix: {fix})" if fix else ""))
+
+    @classmethod
+    def combine(cls, problems: Sequence[SpecError]) -> SpecError:
+        """One error that reports all of ``problems`` (the first names field and fix)."""
+        first = problems[0]
+        if len(problems) == 1:
+            return first
+        err = cls(first.path, first.field, first.reason, first.fix)
+        err.problems = [p for problem in problems for p in problem.problems]
+        err.args = ("\n".join(str(p) for p in err.problems),)
+        return err
 
 
 class _Strict(BaseModel):
@@ -66,6 +89,109 @@ class MetricSpec(_Strict):
         return value
 
 
+ParamType = Literal["int", "float", "str"]
+
+
+class ParamSpec(_Strict):
+    """A workload parameter: its type, default and allowed values.
+
+    A plain ``name = value`` in ``[params]`` is an untyped parameter: its
+    default is ``value`` and any value is accepted (type inferred for ``--set``).
+    A ``[params.name]`` table gives ``type`` and ``min``/``max`` or ``choices``.
+    """
+
+    type: ParamType | None = None
+    default: ParamValue
+    min: float | None = None
+    max: float | None = None
+    choices: list[ParamValue] | None = None
+    multiple_of: int | None = Field(default=None, ge=1)  # int parameters: e.g. 2 for 2 MiB pages
+    description: str = ""
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        if self.type is None and (self.min, self.max, self.choices, self.multiple_of) != (
+            None, None, None, None
+        ):
+            raise ValueError("min, max, choices and multiple_of need a `type` (int, float or str)")
+        if self.multiple_of is not None and self.type != "int":
+            raise ValueError("multiple_of applies to int parameters only")
+        if self.type == "str" and (self.min is not None or self.max is not None):
+            raise ValueError("min/max apply to int and float parameters; use choices for str")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
+        self.check(self.default, what="default")
+        return self
+
+    @property
+    def kind(self) -> ParamType:
+        """The declared type, or the type of the default for an untyped parameter."""
+        if self.type is not None:
+            return self.type
+        return "int" if isinstance(self.default, int) else (
+            "float" if isinstance(self.default, float) else "str"
+        )
+
+    def allowed(self) -> str:
+        """The allowed values in words, for listings and error messages."""
+        if self.type is None:
+            return f"any value (untyped, default {self.default!r})"
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        name = {"int": "an integer", "float": "a number", "str": "a string"}[self.type]
+
+        def num(v: float) -> str:
+            return str(int(v)) if self.type == "int" else f"{v:g}"
+
+        lo = "" if self.min is None else num(self.min)
+        hi = "" if self.max is None else num(self.max)
+        text = f"{name} in {lo or '-inf'}..{hi or 'inf'}" if lo or hi else name
+        return text + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+
+    def check(self, value: ParamValue, what: str = "value") -> ParamValue:
+        """``value`` as this parameter's type; ValueError saying what is allowed otherwise."""
+        if self.type is None:
+            return value
+        out: ParamValue
+        if self.type == "int":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{what} {value!r} is not {self.allowed()}")
+            out = value
+        elif self.type == "float":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{what} {value!r} is not {self.allowed()}")
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"{what} {value!r} is not {self.allowed()}")
+            out = value
+        if self.choices is not None and out not in self.choices:
+            raise ValueError(f"{what} {value!r} is not {self.allowed()}")
+        if isinstance(out, int | float) and (
+            (self.min is not None and out < self.min) or (self.max is not None and out > self.max)
+        ):
+            raise ValueError(f"{what} {value!r} is out of range: must be {self.allowed()}")
+        if self.multiple_of is not None and isinstance(out, int) and out % self.multiple_of:
+            raise ValueError(f"{what} {value!r} is not {self.allowed()}")
+        return out
+
+    def parse(self, text: str) -> ParamValue:
+        """A command-line value (always text) as this parameter's type, checked."""
+        value: ParamValue = text
+        try:
+            if self.kind == "int":
+                value = int(text)
+            elif self.kind == "float":
+                value = float(text)
+        except ValueError:
+            if self.type is not None:
+                raise ValueError(f"value {text!r} is not {self.allowed()}") from None
+        return self.check(value)
+
+
 class PhaseSpec(_Strict):
     """One measured step of a workload, bracketed by phase markers."""
 
@@ -74,6 +200,13 @@ class PhaseSpec(_Strict):
     timeout_s: float = Field(default=600.0, gt=0)
     pages: int | None = Field(default=None, ge=1)  # micro guests: 4 KiB pages touched
     repeat: int = Field(default=1, ge=1)  # micro guests: passes over those pages
+    # paging guests: what the phase does (cr3 / touch / pte) and how many times;
+    # count may be "{param}", a workload parameter (runs and --set override it).
+    kind: Literal["cr3", "touch", "pte"] | None = None
+    count: int | str | None = None
+    # Linux guests: inside the phase, before its command, the host resizes the guest's
+    # memory to this share of the VM's memory_mib through libvirt (virtio-balloon).
+    balloon_percent: int | None = Field(default=None, ge=10, le=100)
     metrics: list[MetricSpec] = []
 
 
@@ -82,9 +215,39 @@ class WorkloadSpec(_Strict):
 
     name: Name
     description: str = ""
+    #: The KVM MMU path the workload stresses, in a line (``harness workloads`` shows it).
+    mmu_path: str = ""
     guest: GuestKind
-    params: dict[str, ParamValue] = {}
+    params: dict[str, ParamSpec] = {}
     phases: Annotated[list[PhaseSpec], Field(min_length=1)]
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _plain_values_are_untyped(cls, value: object) -> object:
+        # `mib = 256` (the original form) is an untyped parameter with that default.
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, dict) else {"default": v} for k, v in value.items()}
+        return value
+
+    def defaults(self) -> dict[str, ParamValue]:
+        """Every parameter's default value."""
+        return {name: p.default for name, p in self.params.items()}
+
+    def param_problem(self, name: str, value: ParamValue) -> tuple[str, str] | None:
+        """(reason, fix) if ``name`` = ``value`` is not allowed for this workload, else None."""
+        if name not in self.params:
+            return (
+                f"unknown parameter {name!r} for workload {self.name!r}",
+                f"use one of: {', '.join(sorted(self.params)) or 'no parameters'}",
+            )
+        try:
+            self.params[name].check(value)
+        except ValueError as exc:
+            return (
+                f"workload {self.name!r} parameter {name!r}: {exc}",
+                f"give {name} {self.params[name].allowed()}",
+            )
+        return None
 
     @model_validator(mode="after")
     def _phases_fit_guest(self) -> WorkloadSpec:
@@ -93,19 +256,68 @@ class WorkloadSpec(_Strict):
                 raise ValueError(
                     f"phases[{i}] ({phase.name}): a micro workload phase needs `pages`"
                 )
+            if self.guest == "paging":
+                if phase.kind is None or phase.count is None:
+                    raise ValueError(
+                        f"phases[{i}] ({phase.name}): a paging workload phase needs `kind` "
+                        '(cr3, touch or pte) and `count` (a number or "{parameter}")'
+                    )
+                if isinstance(phase.count, str) and _param_ref(phase.count) not in self.params:
+                    raise ValueError(
+                        f"phases[{i}].count ({phase.name}): {phase.count!r} is not "
+                        '"{name}" of a parameter in [params]; declare it or give a number'
+                    )
+                continue
             if self.guest != "micro" and not phase.command:
                 raise ValueError(
                     f"phases[{i}] ({phase.name}): a {self.guest} phase needs `command`"
                 )
+            if self.guest != "linux" and phase.balloon_percent is not None:
+                raise ValueError(
+                    f"phases[{i}] ({phase.name}): balloon_percent is for linux guests only"
+                )
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
+        try:
+            undefined = sorted(self.placeholders() - set(self.params))
+        except ValueError as exc:  # an unbalanced brace in a command
+            raise ValueError(f"a phase command is not a valid template: {exc}") from exc
+        if undefined:
+            raise ValueError(
+                f"commands use {undefined} but [params] does not define them: add them "
+                "to [params] (write a literal brace as {{ or }})"
+            )
         return self
+
+    def paging_phases(self, params: dict[str, ParamValue]) -> tuple[int, list[PagingPhase]]:
+        """K and the phases of a paging workload, ``params`` over its defaults.
+
+        Raises :class:`PagingImageError` naming the field when a value is out of range.
+        """
+        merged = {**self.defaults(), **params}
+        k = merged.get("address_spaces")
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise PagingImageError(
+                f"params.address_spaces: {k!r}; a paging workload needs an integer K in [params]"
+            )
+        phases: list[PagingPhase] = []
+        for i, ph in enumerate(self.phases):
+            if ph.kind is None or ph.count is None:
+                raise PagingImageError(f"phases[{i}] ({ph.name}): not a paging phase")
+            count = merged[_param_ref(ph.count)] if isinstance(ph.count, str) else ph.count
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise PagingImageError(
+                    f"phases[{i}].count ({ph.name}): {ph.count!r} is {count!r}, not an integer"
+                )
+            phases.append(PagingPhase(ph.name, ph.kind, count))
+        validate_paging_params(k, phases, 1)
+        return k, phases
 
     def render(self, phase: PhaseSpec, params: dict[str, ParamValue]) -> str:
         """The guest command of ``phase`` with ``params`` filled in, shell-quoted."""
         assert phase.command is not None
-        merged = {**self.params, **params}
+        merged = {**self.defaults(), **params}
         return phase.command.format(**{k: shlex.quote(str(v)) for k, v in merged.items()})
 
     def placeholders(self) -> set[str]:
@@ -122,11 +334,14 @@ class VmSpec(_Strict):
     """A guest to boot: image, size and accelerator."""
 
     name: Name
-    image: Literal["linux", "micro"] = "linux"
+    image: Literal["linux", "micro", "paging"] = "linux"
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mib: int = Field(default=1024, ge=16)
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
     boot_timeout_s: float = Field(default=120.0, gt=0)
+    # A virtio-balloon device, for workloads that resize guest memory (balloon_percent);
+    # off by default so that no guest gives memory back behind a workload's back.
+    balloon: bool = False
 
 
 class RunSpec(_Strict):
@@ -138,11 +353,41 @@ class RunSpec(_Strict):
     repetitions: int | None = Field(default=None, ge=1)
 
 
+class GroupSpec(_Strict):
+    """VMs that run at the same time: booted together, traced by one tracer, driven apart."""
+
+    name: Name
+    description: str = ""
+    vms: list[Name]
+
+
 class TraceSpec(_Strict):
     """What the host tracer attaches (names or groups from the probe catalogue)."""
 
     enabled: bool = True
     probes: list[str] = ["default"]
+    #: Probes whose kernel stacks are counted per VM, phase and probe ("stacks" = the
+    #: MMU default set); each must be among the probes traced.
+    stacks: list[str] = []
+    stack_depth: int = Field(default=DEFAULT_STACK_DEPTH, ge=1, le=MAX_STACK_DEPTH)
+    #: Keep ``function+offset`` frames (call sites apart) instead of function names.
+    stack_offsets: bool = False
+
+    @model_validator(mode="after")
+    def _known_probes(self) -> TraceSpec:
+        try:
+            traced = probes.select(self.probes)
+            selected = {p.name for p in traced}
+            stacked = {p.name for p in probes.select_stacks(self.stacks, traced)}
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        missing = sorted(stacked - selected)
+        if missing:
+            raise ValueError(
+                f"stacks: {', '.join(missing)} not traced; add them to probes "
+                f"(probes = {[*self.probes, *missing]!r})"
+            )
+        return self
 
 
 class SuiteSpec(_Strict):
@@ -153,7 +398,10 @@ class SuiteSpec(_Strict):
     repetitions: int = Field(default=1, ge=1)
     vms: Annotated[list[VmSpec], Field(min_length=1)]
     runs: Annotated[list[RunSpec], Field(min_length=1)]
+    groups: list[GroupSpec] = []
     trace: TraceSpec = TraceSpec()
+    #: Host MMU configurations to run the suite under, in turn (`harness host plan`).
+    host_configs: list[HostConfigSpec] = []
 
     @model_validator(mode="after")
     def _references(self) -> SuiteSpec:
@@ -196,13 +444,14 @@ def _validated(model: type[M], path: Path, data: dict[str, object]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in err["loc"])
-        field = field.replace(".[", "[")
-        msg = err["msg"].removeprefix("Value error, ")
-        fix = "remove or rename the key" if err["type"] == "extra_forbidden" else ""
-        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-        raise SpecError(path, field or "(top level)", msg + more, fix) from exc
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+            field = field.replace(".[", "[")
+            msg = err["msg"].removeprefix("Value error, ")
+            fix = "remove or rename the key" if err["type"] == "extra_forbidden" else ""
+            problems.append(SpecError(path, field or "(top level)", msg, fix))
+        raise SpecError.combine(problems) from exc
 
 
 def load_workload(path: Path) -> WorkloadSpec:
@@ -228,53 +477,212 @@ def available_workloads(search: list[Path]) -> list[str]:
     return sorted({p.stem for d in search if d.is_dir() for p in d.glob("*.toml")})
 
 
-def load_suite(path: Path) -> Suite:
-    """Load a suite and every workload it names, validating all cross-references."""
+def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
+    """Load a suite and every workload it names, validating all cross-references.
+
+    ``overrides`` are ``WORKLOAD.PARAM=VALUE`` strings (``harness run --set``)
+    applied to every run of that workload. Every problem found is reported in
+    one SpecError.
+    """
     path = path.resolve()
-    spec = _validated(SuiteSpec, path, _read_toml(path))
+    data = _read_toml(path)
     # A suite next to its own workloads (suites/ under a workloads dir) finds them first.
     search = [path.parent.parent, path.parent, WORKLOADS_DIR]
+    try:
+        spec = _validated(SuiteSpec, path, data)
+    except SpecError as exc:
+        # Report the runs' parameter problems too, so one pass shows every mistake.
+        raise SpecError.combine([*exc.problems, *_raw_param_problems(path, data, search)]) from exc
     workloads: dict[str, WorkloadSpec] = {}
+    problems: list[SpecError] = []
     vm_names = [vm.name for vm in spec.vms]
     for i, run in enumerate(spec.runs):
         if run.vm not in vm_names:
-            raise SpecError(
+            problems.append(SpecError(
                 path,
                 f"runs[{i}].vm",
                 f"no VM named {run.vm!r}",
                 f"use one of: {', '.join(vm_names)}",
-            )
+            ))
         if run.workload not in workloads:
             wpath = workload_path(run.workload, search)
             if wpath is None:
                 known = ", ".join(available_workloads(search)) or "none"
-                raise SpecError(
+                problems.append(SpecError(
                     path,
                     f"runs[{i}].workload",
                     f"unknown workload {run.workload!r}",
                     f"use one of: {known}, or add workloads/{run.workload}.toml",
-                )
-            workloads[run.workload] = load_workload(wpath)
-        workload = workloads[run.workload]
-        vm = spec.vm(run.vm)
-        if IMAGE_GUEST_KIND[vm.image] != workload.guest:
-            raise SpecError(
+                ))
+                continue
+            try:
+                workloads[run.workload] = load_workload(wpath)
+            except SpecError as exc:
+                problems.append(exc)
+                continue
+        workload = workloads.get(run.workload)
+        if workload is None:
+            continue  # its own file's errors are already reported
+        resizes = any(p.balloon_percent is not None for p in workload.phases)
+        if resizes and run.vm in vm_names and not spec.vm(run.vm).balloon:
+            problems.append(SpecError(
+                path,
+                f"runs[{i}]",
+                f"workload {workload.name!r} resizes guest memory (balloon_percent) but VM "
+                f"{run.vm!r} has no balloon device",
+                f"set balloon = true in the [[vms]] entry named {run.vm!r}",
+            ))
+        if run.vm in vm_names and IMAGE_GUEST_KIND[spec.vm(run.vm).image] != workload.guest:
+            vm = spec.vm(run.vm)
+            problems.append(SpecError(
                 path,
                 f"runs[{i}]",
                 f"workload {workload.name!r} is for {workload.guest} guests "
                 f"but VM {vm.name!r} boots the {vm.image} image",
                 f"run it on a VM with image = {workload.guest!r}",
-            )
-        unknown = set(run.params) - set(workload.params)
-        if unknown:
-            raise SpecError(
-                path,
-                f"runs[{i}].params",
-                f"unknown parameter(s) {sorted(unknown)} for workload {workload.name!r}",
-                f"use: {', '.join(sorted(workload.params)) or 'no parameters'}",
-            )
+            ))
+        run_problems = [
+            SpecError(path, f"runs[{i}].params.{name}", *problem)
+            for name, value in run.params.items()
+            if (problem := workload.param_problem(name, value)) is not None
+        ]
+        problems.extend(run_problems)
+        if workload.guest == "paging" and not run_problems:
+            try:
+                workload.paging_phases(run.params)
+            except PagingImageError as exc:
+                problems.append(SpecError(
+                    path, f"runs[{i}].params",
+                    f"workload {workload.name!r} with these parameters: {exc}",
+                    "keep K, CR3 writes and pages within the limits named",
+                ))
+    problems.extend(_check_groups(path, spec))
+    if not problems and overrides:
+        spec, problems = _apply_overrides(path, spec, workloads, overrides)
+    if problems:
+        raise SpecError.combine(problems)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return Suite(spec=spec, path=path, sha256=sha, workloads=workloads)
+
+
+def _raw_param_problems(path: Path, data: dict[str, object], search: list[Path]) -> list[SpecError]:
+    """Parameter problems of ``[[runs]]`` in a suite that failed validation elsewhere."""
+    problems: list[SpecError] = []
+    runs = data.get("runs")
+    for i, run in enumerate(runs if isinstance(runs, list) else []):
+        if not isinstance(run, dict) or not isinstance(params := run.get("params", {}), dict):
+            continue
+        wpath = workload_path(str(run.get("workload")), search)
+        if wpath is None:
+            continue  # reported once the suite itself is valid
+        try:
+            workload = load_workload(wpath)
+        except SpecError:
+            continue  # likewise
+        for name, value in params.items():
+            if (problem := workload.param_problem(name, value)) is not None:
+                problems.append(SpecError(path, f"runs[{i}].params.{name}", *problem))
+    return problems
+
+
+def _apply_overrides(
+    path: Path, spec: SuiteSpec, workloads: dict[str, WorkloadSpec], overrides: Sequence[str]
+) -> tuple[SuiteSpec, list[SpecError]]:
+    """The suite with ``WORKLOAD.PARAM=VALUE`` overrides applied to its runs, or the problems."""
+    problems: list[SpecError] = []
+    changes: dict[str, dict[str, ParamValue]] = {}
+    for text in overrides:
+        field = f"--set {text}"
+        target, sep, raw = text.partition("=")
+        wname, dot, pname = target.partition(".")
+        if not sep or not dot or not wname or not pname:
+            problems.append(SpecError(
+                path, field, "expected WORKLOAD.PARAM=VALUE",
+                "write e.g. --set page-touch.mib=64",
+            ))
+            continue
+        workload = workloads.get(wname)
+        if workload is None:
+            problems.append(SpecError(
+                path, field, f"the suite runs no workload {wname!r}",
+                f"use one of: {', '.join(sorted(workloads))}",
+            ))
+            continue
+        if pname not in workload.params:
+            reason, fix = workload.param_problem(pname, raw) or ("", "")
+            problems.append(SpecError(path, field, reason, fix))
+            continue
+        param = workload.params[pname]
+        try:
+            changes.setdefault(wname, {})[pname] = param.parse(raw)
+        except ValueError as exc:
+            problems.append(SpecError(
+                path, field, f"workload {wname!r} parameter {pname!r}: {exc}",
+                f"give {pname} {param.allowed()}",
+            ))
+    runs = [
+        run.model_copy(update={"params": {**run.params, **changes.get(run.workload, {})}})
+        for run in spec.runs
+    ]
+    return spec.model_copy(update={"runs": runs}), problems
+
+
+def _check_groups(path: Path, spec: SuiteSpec) -> list[SpecError]:
+    """Each group names two or more VMs of the suite, each with work, each in one group only."""
+    problems: list[SpecError] = []
+    vm_names = [vm.name for vm in spec.vms]
+    with_runs = {run.vm for run in spec.runs}
+    group_of: dict[str, str] = {}
+    seen_groups: set[str] = set()
+    for i, group in enumerate(spec.groups):
+        where = f"groups[{i}]"
+        if group.name in seen_groups:
+            problems.append(SpecError(
+                path, f"{where}.name", f"group {group.name!r} is defined twice",
+                "give each [[groups]] entry its own name",
+            ))
+            continue
+        seen_groups.add(group.name)
+        if len(group.vms) < 2:
+            problems.append(SpecError(
+                path, f"{where}.vms",
+                f"group {group.name!r} lists {len(group.vms)} VM(s); a group runs VMs at the "
+                "same time, so it needs at least two",
+                "list two or more VMs, or remove the group (a VM on its own runs alone)",
+            ))
+            continue
+        for name in group.vms:
+            if name not in vm_names:
+                problems.append(SpecError(
+                    path, f"{where}.vms", f"no VM named {name!r}",
+                    f"use names from [[vms]]: {', '.join(vm_names)}",
+                ))
+                continue
+            if name in group_of:
+                other = group_of[name]
+                problems.append(SpecError(
+                    path, f"{where}.vms",
+                    f"VM {name!r} is already in group {other!r}"
+                    if other != group.name
+                    else f"VM {name!r} is listed twice",
+                    "a VM runs in one group once; define another [[vms]] entry to run "
+                    "the same kind of guest twice",
+                ))
+                continue
+            if name not in with_runs:
+                problems.append(SpecError(
+                    path, f"{where}.vms", f"VM {name!r} has no runs, so it would not boot",
+                    f'add a [[runs]] entry with vm = "{name}", or leave it out of the group',
+                ))
+                continue
+            group_of[name] = group.name
+    return problems
+
+
+def _param_ref(count: str) -> str:
+    """``"{name}"`` -> ``name`` (anything else -> itself, which names no parameter)."""
+    m = re.fullmatch(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", count.strip())
+    return m.group(1) if m else count
 
 
 def default_suite_path() -> Path:
@@ -305,7 +713,7 @@ def _line_of(path: Path, field: str) -> int | None:
                 return found
             cursor = hits[int(index)]
         else:
-            pattern = re.compile(rf"^\s*({k}\s*=|\[([\w.-]+\.)?{k}\])")
+            pattern = re.compile(rf"^\s*({k}\s*=|\[([\w.-]+\.)?{k}(\.[\w.-]+)?\])")
             hit = next((n for n in range(cursor, len(lines)) if pattern.match(lines[n])), None)
             if hit is None:
                 return found

@@ -7,16 +7,20 @@ import contextlib
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
 from tenacity import (
+    RetryCallState,
     RetryError,
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
+    stop_any,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from harness.guest.base import CommandResult, GuestError, GuestTimeout
 
@@ -29,6 +33,16 @@ MARKER_TOOL = "/usr/local/bin/kvm-marker"
 # every early attempt ends in "Error reading SSH protocol banner", which
 # paramiko's transport thread logs with a traceback. Retries handle it.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
+
+
+class _StopWhen(stop_base):
+    """A tenacity stop condition from a plain predicate (None: never stop early)."""
+
+    def __init__(self, predicate: Callable[[], bool] | None) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate is not None and self.predicate()
 
 
 class SshGuest:
@@ -48,11 +62,13 @@ class SshGuest:
         key_file: Path,
         host_key: str,
         deadline_s: float,
+        stop_if: Callable[[], bool] | None = None,
     ) -> SshGuest:
         """Connect, retrying transient failures until ``deadline_s`` has passed.
 
         ``host_key`` is the "type base64" line recorded when the image was
-        built; any other key is rejected (never AutoAddPolicy).
+        built; any other key is rejected (never AutoAddPolicy). Retries also
+        end as soon as ``stop_if()`` is true (the run is being torn down).
         """
         pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
         key_type, key_b64 = host_key.split()[:2]
@@ -87,7 +103,7 @@ class SshGuest:
         try:
             for try_ in Retrying(
                 retry=retry_if_exception_type(TRANSIENT),
-                stop=stop_after_delay(deadline_s),
+                stop=stop_any(stop_after_delay(deadline_s), _StopWhen(stop_if)),
                 wait=wait_exponential(multiplier=0.2, max=2),
                 reraise=False,
             ):

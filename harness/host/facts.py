@@ -55,6 +55,13 @@ class HostFacts(BaseModel):
     qemu_version: str | None
     libvirt_version: str | None
     bpftrace_version: str | None
+    microcode: str | None = Field(
+        default=None, description="CPU microcode revision (/proc/cpuinfo), None where not shown"
+    )
+    thp_enabled: str | None = Field(
+        default=None,
+        description="host transparent hugepage mode (always / madvise / never), None if absent",
+    )
 
 
 class AcceleratorUnavailable(RuntimeError):
@@ -71,6 +78,7 @@ class CpuInfo:
     model: str
     vendor: CpuVendor
     virt_flags: list[str]
+    microcode: str | None = None
 
 
 def parse_cpuinfo(text: str) -> CpuInfo:
@@ -97,7 +105,16 @@ def parse_cpuinfo(text: str) -> CpuInfo:
         model=fields.get("model name", "unknown"),
         vendor=vendor,
         virt_flags=[f for f in VIRT_FLAGS if f in flags],
+        microcode=fields.get("microcode") or None,
     )
+
+
+def parse_thp_mode(text: str | None) -> str | None:
+    """The selected mode of a sysfs choice file: ``always [madvise] never`` -> ``madvise``."""
+    if text is None:
+        return None
+    m = re.search(r"\[([^\]]+)\]", text)
+    return m.group(1) if m else None
 
 
 def parse_proc_modules(text: str) -> list[str]:
@@ -222,6 +239,8 @@ class HostSources:
     qemu_version: str | None = None
     libvirt_version: str | None = None
     bpftrace_version: str | None = None
+    #: /sys/kernel/mm/transparent_hugepage/enabled text, None when absent.
+    thp_enabled: str | None = None
 
 
 def facts_from_sources(src: HostSources) -> HostFacts:
@@ -251,6 +270,8 @@ def facts_from_sources(src: HostSources) -> HostFacts:
         qemu_version=src.qemu_version,
         libvirt_version=src.libvirt_version,
         bpftrace_version=src.bpftrace_version,
+        microcode=cpu.microcode,
+        thp_enabled=parse_thp_mode(src.thp_enabled),
     )
 
 
@@ -329,6 +350,7 @@ def read_host_sources() -> HostSources:
         qemu_version=qemu_version(),
         libvirt_version=libvirt_version(),
         bpftrace_version=bpftrace_version(),
+        thp_enabled=_read(Path("/sys/kernel/mm/transparent_hugepage/enabled")),
     )
 
 

@@ -39,18 +39,25 @@ MANIFEST_NAME = "image.json"
 BUILD_FORMAT = 1
 #: Guest tools compiled on the host (static) and installed in /usr/local/bin.
 GUEST_TOOL_SOURCES = {
-    "page-touch": paths.GUEST_TOOLS_DIR / "page-touch.c",
-    "kvm-marker": paths.GUEST_TOOLS_DIR / "kvm-marker.c",
+    name: paths.GUEST_TOOLS_DIR / f"{name}.c"
+    for name in ("page-touch", "kvm-marker", "membw", "fork-storm", "mmap-churn")
 }
 #: Tools the harness may call inside the guest, by absolute path.
 GUEST_TOOLS = {
-    "page-touch": "/usr/local/bin/page-touch",
-    "kvm-marker": "/usr/local/bin/kvm-marker",
+    **{name: f"/usr/local/bin/{name}" for name in GUEST_TOOL_SOURCES},
+    "redis-server": "/usr/bin/redis-server",
+    "redis-benchmark": "/usr/bin/redis-benchmark",
     "stress-ng": "/usr/bin/stress-ng",
     "python3": "/usr/bin/python3",
 }
 #: Packages whose versions are recorded in the manifest (provenance).
-_RECORDED_PACKAGES = ("linux-image-cloud-amd64", "openssh-server", "stress-ng", "python3")
+_RECORDED_PACKAGES = (
+    "linux-image-cloud-amd64",
+    "openssh-server",
+    "stress-ng",
+    "python3",
+    "redis-server",
+)
 
 Progress = Callable[[str], None]
 

@@ -159,6 +159,18 @@ def nasm_defines(phases: Sequence[MicroPhase], token: int) -> list[str]:
     ]
 
 
+def recipe_digest(phases: Sequence[MicroPhase], source: Path = MICRO_SOURCE) -> str:
+    """What a micro ROM is built from, without its run token: equal digests, same guest.
+
+    The ROM's own digest changes with every token, so it cannot tell two
+    runs of the same guest apart from two different guests (``harness compare``).
+    """
+    h = hashlib.sha256(source.read_bytes())
+    for define in nasm_defines(phases, 1)[1:]:  # every define but the token
+        h.update(b"\0" + define.encode())
+    return h.hexdigest()
+
+
 def assemble(phases: Sequence[MicroPhase], token: int) -> tuple[bytes, bytes]:
     """Assemble micro.asm with the given parameters; return ``(sector, rom)``, both checked.
 

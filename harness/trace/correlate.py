@@ -28,7 +28,8 @@ from harness.trace.exit_reasons import (
 from harness.trace.model import Attribution, HistBucketModel, PhaseTrace
 from harness.trace.parse import TraceSnapshot, select_pid
 from harness.trace.probes import CATALOGUE, Probe
-from harness.trace.program import LATENCIES, TraceTarget
+from harness.trace.program import DEFAULT_STACK_DEPTH, LATENCIES, TraceTarget
+from harness.trace.stacks import phase_stacks, probe_stacks
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ def attributor(snapshot: TraceSnapshot, pid: int, phases: Iterable[int]) -> Attr
     wanted = {p for p in phases if p != 0}
     guest = frozenset(p for p in wanted if markers.get((p,), 0) > 0)
     return Attributor(guest=guest, host=frozenset(wanted - guest))
+
+
+def _probe_name(ident: int) -> str | None:
+    probe = _probe(ident)
+    return probe.name if probe is not None else None
 
 
 def _probe(ident: int) -> Probe | None:
@@ -80,12 +86,18 @@ def phase_traces(
     phases: Sequence[int],
     *,
     attached: Iterable[str] | None = None,
+    mmu_mode: str | None = None,
+    stack_depth: int = DEFAULT_STACK_DEPTH,
+    stack_offsets: bool = False,
 ) -> dict[int, PhaseTrace]:
     """Per-phase records of ``target`` for ``phases`` plus phase 0 (outside any phase).
 
     ``attached`` names the probes that were attached (from the tracer); it
     decides whether ``root_loads`` is a number or None (no root-load probe).
     Without it, root loads count as seen when any root probe has events.
+    ``mmu_mode`` (HostFacts.mmu_mode) decides ``cr3_writes_note``.
+    ``stack_depth`` is the program's kstack depth (stacks that reach it were cut);
+    ``stack_offsets`` keeps ``function+offset`` frames instead of function names.
     """
     pid = target.pid
     attr = attributor(snapshot, pid, phases)
@@ -154,11 +166,27 @@ def phase_traces(
     else:
         attached_names = {p.name for i, p in enumerate(CATALOGUE) if (i,) in totals}
     roots_visible = any(p.category == "root" and p.name in attached_names for p in CATALOGUE)
+    cr3_note = cr3_writes_note(mmu_mode, "kvm_cr" in attached_names)
+    # @getpage[pid, g, h, created]: absent when empty or when the program had no split.
+    getpage: dict[int, dict[int, int]] = {p: {} for p in all_phases}
+    for (g, h, made), n in select_pid(snapshot.counter("getpage"), pid).items():
+        if (p := slot(g, h)) is not None:
+            getpage[p][made] = getpage[p].get(made, 0) + n
+    split_traced = "getpage" in snapshot.counters
 
+    def get_page_split(p: int, total: int) -> tuple[int | None, int | None]:
+        if "kvm_mmu_get_page" not in attached_names:
+            return None, None
+        if split_traced or total == 0:  # no events: zero either way
+            return getpage[p].get(1, 0), getpage[p].get(0, 0)
+        return None, None  # events, but a program without the split
+
+    stk = phase_stacks(snapshot, pid, slot, _probe_name, offsets=stack_offsets)
     out: dict[int, PhaseTrace] = {}
     for p in all_phases:
         ev = by_probe[p]
         how = label[p]
+        created, found = get_page_split(p, ev.get("kvm_mmu_get_page", 0))
         out[p] = PhaseTrace(
             attribution=how,
             markers_seen=markers.get((p,), 0),
@@ -170,6 +198,9 @@ def phase_traces(
             page_faults_by_error=by_error[p],
             mmu_events={k: v for k, v in ev.items() if _category(k) == "mmu"},
             cr3_writes=crs[p].get("3", 0),
+            cr3_writes_note=cr3_note,
+            shadow_pages_created=created,
+            shadow_pages_found=found,
             cr_writes=crs[p],
             root_loads=(
                 sum(v for k, v in ev.items() if _category(k) == "root") if roots_visible else None
@@ -186,8 +217,31 @@ def phase_traces(
                        for (lo, hi), c in sorted(b.items(), key=lambda x: x[0][1])]
                 for name, b in lat[p].items()
             },
+            stacks=probe_stacks(stk.get(p, {}), ev, stack_depth),
         )
     return out
+
+
+def cr3_writes_note(mmu_mode: str | None, kvm_cr_attached: bool) -> str | None:
+    """Why ``cr3_writes`` (from kvm:kvm_cr) is not the guest's CR3 write count, or None.
+
+    kvm_cr fires in the VMX/SVM control-register exit handlers only: it sees
+    CR3 loads that exit to KVM (shadow paging on VMX/SVM), none under EPT/NPT
+    (CR3 loads do not exit), and none on PVM (MOV CR3 is emulated).
+    """
+    if not kvm_cr_attached:
+        return "kvm:kvm_cr was not traced: cr3_writes is not a count"
+    if mmu_mode == "pvm":
+        return (
+            "this host's KVM (PVM) emulates guest MOV CR3 without the VMX/SVM CR-access exit "
+            "where kvm:kvm_cr fires: cr3_writes = 0 here is not the guest's CR3 write count"
+        )
+    if mmu_mode in ("ept", "npt"):
+        return (
+            f"under {mmu_mode.upper()} guest CR3 loads do not exit to KVM: cr3_writes counts "
+            "only the ones KVM intercepted"
+        )
+    return None
 
 
 def unphased_totals(snapshot: TraceSnapshot, target: TraceTarget) -> dict[str, int]:

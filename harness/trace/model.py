@@ -24,6 +24,35 @@ class HistBucketModel(BaseModel):
     count: int = Field(ge=0)
 
 
+class StackCount(BaseModel):
+    """One kernel call path and how many of a probe's events came through it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: list[str] = Field(description="kernel functions, outermost (syscall entry) first")
+    count: int = Field(ge=1)
+
+
+class ProbeStacks(BaseModel):
+    """A probe's kernel stacks in one phase, with what they cover and what derives from them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: int = Field(ge=0, description="the probe's events in this phase (events_by_probe)")
+    stacked: int = Field(ge=0, description="events with a stack; equals events unless lost")
+    truncated: int = Field(
+        ge=0, description="events whose stack reached the depth limit (outer frames cut)"
+    )
+    depth: int = Field(ge=1, description="frames kept per stack")
+    stacks: list[StackCount] = Field(default_factory=list, description="most frequent first")
+    paths: dict[str, int] = Field(
+        default_factory=dict,
+        description="derived from stacks: function -> events whose stack passes through it "
+        "(e.g. kvm_mmu_load: root lookups it made), an honest count where the function "
+        "itself cannot be probed",
+    )
+
+
 class PhaseTrace(BaseModel):
     """Host KVM events attributed to one workload phase of one VM (phase 0 = outside phases)."""
 
@@ -52,7 +81,28 @@ class PhaseTrace(BaseModel):
         default_factory=dict, description="fault_kind(error code) -> count"
     )
     mmu_events: dict[str, int] = Field(default_factory=dict, description="kvmmmu probe -> count")
-    cr3_writes: int = Field(default=0, ge=0)
+    cr3_writes: int = Field(
+        default=0, ge=0, description="CR3 writes seen on kvm:kvm_cr; see cr3_writes_note"
+    )
+    cr3_writes_note: str | None = Field(
+        default=None,
+        description="why cr3_writes is not the guest's CR3 write count on this host (kvm_cr "
+        "not traced, CR3 loads not intercepted under EPT/NPT, or emulated MOV CR3 on PVM); "
+        "None when kvm_cr sees every CR3 write that reaches KVM",
+    )
+    shadow_pages_created: int | None = Field(
+        default=None,
+        ge=0,
+        description="kvmmmu:kvm_mmu_get_page with created=1: MMU pages (e.g. new roots) "
+        "allocated; None when the split was not traced",
+    )
+    shadow_pages_found: int | None = Field(
+        default=None,
+        ge=0,
+        description="kvmmmu:kvm_mmu_get_page with created=0: existing MMU pages found by "
+        "(gfn, role), e.g. a root evicted from KVM's cache of current + 3 previous roots "
+        "and looked up again; None when the split was not traced",
+    )
     cr_writes: dict[str, int] = Field(default_factory=dict, description="CR number -> writes")
     root_loads: int | None = Field(
         default=None, description="page-table root loads; None when no probe can see them"
@@ -65,6 +115,9 @@ class PhaseTrace(BaseModel):
     events_total: int = Field(default=0, ge=0)
     per_vcpu: dict[str, int] = Field(default_factory=dict, description="vCPU thread id -> events")
     latency_ns: dict[str, list[HistBucketModel]] = Field(default_factory=dict)
+    stacks: dict[str, ProbeStacks] = Field(
+        default_factory=dict, description="probe -> kernel stacks (only for stacked probes)"
+    )
 
 
 class ProbeNotAttached(BaseModel):
@@ -88,3 +141,8 @@ class TraceSummary(BaseModel):
     tracer_status: TracerStatus
     tracer_error: str | None = None
     program_sha256: str | None = None
+    program_template_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the program generated for the same probes and number of "
+        "targets with placeholder pids, tokens and session: equal means the same tracer program",
+    )

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 Key = tuple[int, ...]
 CounterMap = dict[Key, int]
+#: (integer key, kernel frames innermost first as bpftrace prints them) -> count
+StackMap = dict[tuple[Key, tuple[str, ...]], int]
+#: Maps whose last key element is a ``kstack`` (see program.py).
+STACK_MAPS = frozenset({"stk"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,27 @@ class OtherOutput:
     data: object
 
 
-Output = Attached | MapOutput | HistOutput | LostEvents | OtherOutput
+@dataclass(frozen=True)
+class StackMapOutput:
+    """A printed counter map whose key ends with a kernel stack (name without the ``@``)."""
+
+    name: str
+    values: StackMap
+
+
+Output = Attached | MapOutput | HistOutput | StackMapOutput | LostEvents | OtherOutput
+
+
+def parse_stack_key(text: str, map_name: str = "?") -> tuple[Key, tuple[str, ...]]:
+    """``"1,2,\\n    f+1\\n    g+2\\n"`` -> ``((1, 2), ("f+1", "g+2"))``: ints, then frames.
+
+    bpftrace prints a kstack key element as newline-separated, indented frames
+    (innermost first); an empty stack prints nothing after the last comma.
+    """
+    head, _, frames = text.partition("\n")
+    ints = head.rstrip().rstrip(",")
+    key = parse_key(ints, map_name) if ints else ()
+    return key, tuple(f.strip() for f in frames.splitlines() if f.strip())
 
 
 def parse_key(text: str, map_name: str = "?") -> Key:
@@ -139,6 +163,11 @@ def parse_line(line: str) -> Output | None:
         return LostEvents(_int(data.get("events"), "lost_events.events"))
     if kind == "map":
         name, body = _single_map(data, kind)
+        if name in STACK_MAPS and isinstance(body, dict):
+            return StackMapOutput(
+                name,
+                {parse_stack_key(k, name): _int(v, f"map @{name}") for k, v in body.items()},
+            )
         if isinstance(body, dict):
             return MapOutput(
                 name,
@@ -166,6 +195,7 @@ class TraceSnapshot:
 
     counters: dict[str, CounterMap] = field(default_factory=dict)
     hists: dict[str, HistMap] = field(default_factory=dict)
+    stacks: dict[str, StackMap] = field(default_factory=dict)
     seq: int | None = None
     final: bool = False
     lost_events: int = 0
@@ -188,6 +218,12 @@ class TraceSnapshot:
                 self.counters.update(derive_event_views(out.values))
         elif isinstance(out, HistOutput):
             self.hists[out.name] = out.values
+        elif isinstance(out, StackMapOutput):
+            self.stacks[out.name] = out.values
+
+    def stack(self, name: str) -> StackMap:
+        """Stack map ``@name`` (empty when it was not printed)."""
+        return self.stacks.get(name, {})
 
 
 def derive_event_views(evt: Mapping[Key, int]) -> dict[str, CounterMap]:

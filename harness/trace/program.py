@@ -25,7 +25,9 @@ Map layout (every key is an integer; probe ids are catalogue indices,
 ``@exits[pid, g, h, isa, reason]``      kvm_exit by ISA and exit reason
 ``@pf[pid, g, h, isa, reason, ec]``     kvm_page_fault by the preceding exit and error code
 ``@crw[pid, g, h, cr]``                 control-register writes by register
+``@getpage[pid, g, h, created]``        kvm_mmu_get_page: new (1) vs existing (0) MMU pages
 ``@lat[pid, g, h, latency]``            log2 histograms of paired-probe latencies
+``@stk[pid, g, h, probe, kstack]``     kernel stacks of the probes asked for (``stacks``)
 ``@dump_done``                          sequence number of the last completed dump
 =====================================  ==========================================
 """
@@ -50,6 +52,15 @@ GUEST_MARKER_LEAF: Final = 0x4B564D00
 HOST_MARKER_WHICH: Final = 0x4B564D00
 HOST_DUMP_WHICH: Final = 0x4B564D01
 
+# The filter below relies on the two values differing only in bit 0.
+assert HOST_DUMP_WHICH == HOST_MARKER_WHICH | 1
+
+#: Kernel frames kept per stack: deep enough for the whole KVM path from the ioctl
+#: (seen here: 14 frames from __x64_sys_ioctl to __kvm_mmu_get_shadow_page).
+DEFAULT_STACK_DEPTH: Final = 32
+#: bpftrace's limit for kstack(N) (BPF's PERF_MAX_STACK_DEPTH).
+MAX_STACK_DEPTH: Final = 127
+
 #: printf of the BEGIN block, followed by the session number.
 READY_MESSAGE: Final = "harness-tracer-ready"
 
@@ -62,8 +73,25 @@ LATENCIES: Final[dict[int, tuple[str, str, str]]] = {
 #: Maps printed by a dump, in order. ``@dump_done`` always comes last.
 RESULT_MAPS: Final = (
     "gphase", "hphase", "markers", "marker_ns", "gdur", "hmarks", "hmark_ns", "hdur",
-    "evt", "exits", "pf", "crw", "lat",
+    "evt", "stk", "exits", "pf", "crw", "getpage", "lat",
 )
+
+
+#: The tracepoint fields each probe block reads, in the order they are loaded.
+#:
+#: Every field is copied into a local at the top of the block,
+#: before any branch. With two or more targets the marker test reads
+#: ``args->index`` in several arms of a disjunction; LLVM then hoists one
+#: ``ctx + offset`` pointer and loads through it in each arm, and the verifier
+#: rejects that ("dereference of modified ctx ptr ... disallowed"). A single
+#: load per field at a constant offset from the unmodified ctx is always accepted.
+_ARGS: Final[dict[str, tuple[str, ...]]] = {
+    MARKER_PROBE: ("function", "index"),
+    "kvm_exit": ("isa", "exit_reason"),
+    "kvm_page_fault": ("error_code",),
+    "kvm_cr": ("rw", "cr"),
+    "kvm_mmu_get_page": ("created",),
+}
 
 
 class ProgramError(ValueError):
@@ -90,11 +118,29 @@ class TraceProgram:
     session: int
     latencies: tuple[int, ...]
     maps: tuple[str, ...]
+    stacks: frozenset[str] = frozenset()
+    stack_depth: int = DEFAULT_STACK_DEPTH
 
     @property
     def sha256(self) -> str:
         """Digest of the program text (recorded in results)."""
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def template_sha256(self) -> str:
+        """Digest of the program for the same probes and number of targets, not their identity.
+
+        The text is regenerated with canonical placeholders (VM ``vmN``, pid N,
+        token N, session 1), so two runs with the same probe set and the same
+        number of targets get the same value even though their pids, tokens
+        and sessions differ: it says whether two runs used the same tracer program.
+        """
+        canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(self.targets) + 1))
+        names = {s.probe.name for s in self.attached}
+        text = _Gen(
+            canonical, self.attached, names, self.latencies, 1, self.stacks, self.stack_depth
+        ).render()
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def probe_names(self) -> dict[int, str]:
@@ -133,12 +179,16 @@ def generate(
     targets: Sequence[TraceTarget],
     *,
     session: int | None = None,
+    stacks: Sequence[str] = (),
+    stack_depth: int = DEFAULT_STACK_DEPTH,
 ) -> TraceProgram:
     """Generate one bpftrace program for the available probes in ``statuses``.
 
     Unavailable probes are left out (and listed in ``not_attached``). The
     ``session`` (1..65535, random by default) is carried by dump requests so
     that another harness on the same host cannot trigger this program's dumps.
+    ``stacks`` names probes whose kernel stacks (``stack_depth`` frames) are
+    counted too, per VM, phase and probe: one more map update per such event.
     """
     _validate_targets(targets)
     if session is None:
@@ -149,7 +199,17 @@ def generate(
     not_attached = tuple(s for s in statuses if not (s.available and s.attach))
     names = {s.probe.name for s in attached}
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
-    gen = _Gen(tuple(targets), attached, names, latencies, session)
+    if not 1 <= stack_depth <= MAX_STACK_DEPTH:
+        raise ProgramError(f"stack_depth: {stack_depth} is not in 1..{MAX_STACK_DEPTH}")
+    for name in stacks:
+        if name not in {s.probe.name for s in statuses}:
+            raise ProgramError(
+                f"stacks: {name!r} is not one of the selected probes; stack only probes "
+                "that are traced (add it to the probe selection)"
+            )
+    # A stacked probe that did not attach has no events and so no stacks.
+    stacked = frozenset(n for n in stacks if n in names)
+    gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth)
     text = gen.render()
     return TraceProgram(
         text=text,
@@ -159,6 +219,8 @@ def generate(
         session=session,
         latencies=latencies,
         maps=gen.maps_used(),
+        stacks=stacked,
+        stack_depth=stack_depth,
     )
 
 
@@ -172,12 +234,16 @@ class _Gen:
         names: set[str],
         latencies: tuple[int, ...],
         session: int,
+        stacks: frozenset[str] = frozenset(),
+        stack_depth: int = DEFAULT_STACK_DEPTH,
     ) -> None:
         self.targets = targets
         self.attached = attached
         self.names = names
         self.latencies = latencies
         self.session = session
+        self.stacks = stacks
+        self.stack_depth = stack_depth
         self.guest_markers = MARKER_PROBE in names
 
     def maps_used(self) -> tuple[str, ...]:
@@ -190,8 +256,12 @@ class _Gen:
             used.add("pf")
         if "kvm_cr" in self.names:
             used.add("crw")
+        if "kvm_mmu_get_page" in self.names:
+            used.add("getpage")
         if self.latencies:
             used.add("lat")
+        if self.stacks:
+            used.add("stk")
         return tuple(m for m in RESULT_MAPS if m in used)
 
     def pid_filter(self) -> str:
@@ -250,10 +320,13 @@ class _Gen:
             f"//   which {HOST_DUMP_WHICH:#x}: who = (session << 16) | seq -> print all maps",
             "// The call comes from the harness, not QEMU, so the token selects the VM.",
             "tracepoint:syscalls:sys_enter_getpriority",
-            f"/args->which == {HOST_MARKER_WHICH:#x} || args->which == {HOST_DUMP_WHICH:#x}/",
+            "// One read of args->which in the filter too: (which | 1) matches both values.",
+            f"/(args->which | 1) == {HOST_MARKER_WHICH | 1:#x}/",
             "{",
+            "  // Every args field is read once, before any branch (see _ARGS).",
+            "  $which = args->which;",
             "  $who = (uint64)args->who & 0xffffffff;",
-            f"  if (args->which == {HOST_MARKER_WHICH:#x}) {{",
+            f"  if ($which == {HOST_MARKER_WHICH:#x}) {{",
             "    $ph = $who & 0xffff;",
         ]
         for t in self.targets:
@@ -276,43 +349,55 @@ class _Gen:
             "$g = @gphase[pid];" if self.guest_markers else "$g = (uint64)0;",
             "$h = @hphase[pid];",
             f"@evt[pid, tid, $g, $h, {ident}] = count();",
+            *(
+                [f"@stk[pid, $g, $h, {ident}, kstack({self.stack_depth})] = count();"]
+                if name in self.stacks
+                else []
+            ),
         ]
 
     def probe_block(self, s: ProbeStatus) -> str:
         name = s.probe.name
         body: list[str] = []
+        fields = _ARGS.get(name, ())
+        if fields:
+            body.append("// Each args field read once, before any branch (see _ARGS).")
+            body += [f"${f} = args->{f};" for f in fields]
         if name == MARKER_PROBE:
             conds = " || ".join(
-                f"(pid == {t.pid} && (args->index >> 16) == {t.token})" for t in self.targets
+                f"(pid == {t.pid} && ($index >> 16) == {t.token})" for t in self.targets
             )
             body += [
                 "// Guest phase marker: cpuid leaf 0x4B564D00, ECX = (token << 16) | phase.",
-                f"if (args->function == {GUEST_MARKER_LEAF:#x} && ({conds})) {{",
-                "  $ph = (uint64)(args->index & 0xffff);",
+                f"if ($function == {GUEST_MARKER_LEAF:#x} && ({conds})) {{",
+                "  $ph = (uint64)($index & 0xffff);",
             ]
             body += [f"  {x}" for x in self._phase_switch("g", "pid", "$ph")]
             body.append("}")
         body += self.common(name)
         if name == "kvm_exit":
-            body.append("@exits[pid, $g, $h, args->isa, args->exit_reason] = count();")
+            body.append("@exits[pid, $g, $h, $isa, $exit_reason] = count();")
             if "kvm_page_fault" in self.names:
                 body.append("// Remember the exit so the page fault it causes can name it.")
-                body.append("@lx[tid] = ((uint64)args->isa << 32) | args->exit_reason;")
+                body.append("@lx[tid] = ((uint64)$isa << 32) | $exit_reason;")
             if 0 in self.latencies:
                 body.append("@t_exit[tid] = nsecs;")
         elif name == "kvm_page_fault":
             if "kvm_exit" in self.names:
                 body.append("$lx = @lx[tid];")
                 body.append(
-                    "@pf[pid, $g, $h, $lx >> 32, $lx & 0xffffffff, args->error_code] = count();"
+                    "@pf[pid, $g, $h, $lx >> 32, $lx & 0xffffffff, $error_code] = count();"
                 )
             else:
                 body.append("// kvm_exit is not traced: the causing exit is unknown (0, 0).")
-                body.append("@pf[pid, $g, $h, 0, 0, args->error_code] = count();")
+                body.append("@pf[pid, $g, $h, 0, 0, $error_code] = count();")
             if 1 in self.latencies:
                 body.append("@t_pf[tid] = nsecs;")
         elif name == "kvm_cr":
-            body.append("if (args->rw == 1) { @crw[pid, $g, $h, args->cr] = count(); }")
+            body.append("if ($rw == 1) { @crw[pid, $g, $h, $cr] = count(); }")
+        elif name == "kvm_mmu_get_page":
+            body.append("// Root reuse: a new page (created) or one found by (gfn, role).")
+            body.append("@getpage[pid, $g, $h, (uint64)$created] = count();")
         elif name == "kvm_entry":
             for i, tmp in ((0, "@t_exit"), (1, "@t_pf")):
                 if i in self.latencies:

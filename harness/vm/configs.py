@@ -20,6 +20,7 @@ def linux_config(
     overlay: Path,
     console_log: Path,
     ssh_port: int,
+    balloon: bool = False,
 ) -> DomainConfig:
     """A Linux guest: direct kernel boot, disk overlay, SSH forwarded on 127.0.0.1."""
     return DomainConfig(
@@ -31,6 +32,7 @@ def linux_config(
         console_log=console_log,
         disk=overlay,
         ssh_port=ssh_port,
+        balloon=balloon,
     )
 
 

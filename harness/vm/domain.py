@@ -57,11 +57,16 @@ class DomainConfig:
     disk: Path | None = None  # qcow2 overlay, virtio-blk
     ssh_port: int | None = None  # forwarded from 127.0.0.1
     debug_exit: bool = False  # isa-debug-exit at 0xf4: the guest can end itself
+    balloon: bool = False  # virtio-balloon, resized through libvirt setMemory
     # "host": host-passthrough under KVM, "maximum" under TCG (all TCG can emulate);
     # "default": QEMU's own model, for the micro guest, which under the PVM
     # backend cannot take the host CPU's MSRs (QEMU aborts setting MSR 0x10a).
     cpu: Literal["host", "default"] = "host"
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    # Guest RAM from hugetlbfs pages of this size (2048 or 1048576 KiB), None: anonymous
+    # memory. libvirt needs hugetlbfs mounted when libvirtd starts (or hugetlbfs_mount in
+    # qemu.conf) and enough pages reserved (host configuration hugepages_2m / hugepages_1g).
+    hugepages_kib: int | None = None
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -77,6 +82,9 @@ def domain_xml(cfg: DomainConfig) -> str:
     _sub(dom, "name", cfg.name)
     _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(cfg.vcpus))
+    if cfg.hugepages_kib is not None:
+        backing = _sub(dom, "memoryBacking")
+        _sub(_sub(backing, "hugepages"), "page", size=str(cfg.hugepages_kib), unit="KiB")
 
     os_el = _sub(dom, "os")
     if isinstance(cfg.boot, KernelBoot):
@@ -112,8 +120,9 @@ def domain_xml(cfg: DomainConfig) -> str:
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(cfg.console_log))
     _sub(serial, "target", port="0")
-    # No balloon: it would give memory back behind the workload's back.
-    _sub(devices, "memballoon", model="none")
+    # No balloon unless asked for: it would give memory back behind the workload's back.
+    # A requested one only moves when the harness calls setMemory (no autodeflate).
+    _sub(devices, "memballoon", model="virtio" if cfg.balloon else "none")
     if isinstance(cfg.boot, KernelBoot):
         _sub(devices, "rng", model="virtio").append(_backend_random())
 

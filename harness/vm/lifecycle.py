@@ -12,7 +12,9 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,10 @@ from harness.vm.domain import DomainConfig, domain_xml
 
 DOMAIN_PREFIX = "kvmh-"
 OWNER_FILE = "owner.pid"
+#: The result file a run writes, so whoever reaps the run can say what happened to it.
+RESULT_FILE = "result.path"
+#: Namespace of the <metadata> element naming the process that started a domain.
+OWNER_NS = "https://kvm-mmu-harness.invalid/owner"
 
 
 class VmError(Exception):
@@ -97,7 +103,7 @@ def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) 
     if paused:
         flags |= libvirt.VIR_DOMAIN_START_PAUSED
     try:
-        dom = conn.createXML(domain_xml(cfg), flags)
+        dom = conn.createXML(with_owner(domain_xml(cfg), os.getpid()), flags)
     except libvirt.libvirtError as exc:
         raise VmError(f"libvirt refused to start {cfg.name}: {exc}") from exc
     return RunningVm(
@@ -109,6 +115,29 @@ def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) 
         cfg.ssh_port,
         time.monotonic_ns(),
     )
+
+
+def with_owner(xml: str, pid: int) -> str:
+    """``xml`` with a <metadata> element naming ``pid`` as the domain's owner.
+
+    The reaper then spares every domain whose owner is alive, also those that
+    tests and benchmarks start outside any run directory.
+    """
+    root = ET.fromstring(xml)
+    meta = root.find("metadata")
+    if meta is None:
+        meta = ET.SubElement(root, "metadata")
+    ET.SubElement(meta, f"{{{OWNER_NS}}}owner", pid=str(pid))
+    return ET.tostring(root, encoding="unicode")
+
+
+def domain_owner(dom: libvirt.virDomain) -> int | None:
+    """The pid in a domain's owner metadata; None when it has none."""
+    try:
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OWNER_NS)
+        return int(ET.fromstring(text).attrib["pid"])
+    except (libvirt.libvirtError, ET.ParseError, KeyError, ValueError):
+        return None
 
 
 def qemu_pid(name: str) -> int:
@@ -133,13 +162,18 @@ def is_running(vm: RunningVm) -> bool:
         return False  # transient domains vanish once they stop
 
 
-def wait_stopped(vm: RunningVm, timeout_s: float) -> bool:
-    """Wait for a guest that ends itself (the micro guest); False on timeout."""
+def wait_stopped(
+    vm: RunningVm, timeout_s: float, stop: threading.Event | None = None
+) -> bool:
+    """Wait for a guest that ends itself (the micro guest); False on timeout or ``stop``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not is_running(vm):
             return True
-        time.sleep(0.05)
+        if stop is not None and stop.wait(0.05):
+            return False
+        if stop is None:
+            time.sleep(0.05)
     return False
 
 
@@ -164,14 +198,44 @@ def console_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(tail) or "(console empty)"
 
 
-def claim_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` and mark it as owned by this process."""
-    run_dir.mkdir(parents=True, exist_ok=False)
-    run_dir.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the files inside
-    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
+def claim_run_dir(run_dir: Path, result_path: Path | None = None) -> None:
+    """Create ``run_dir`` and mark it as owned by this process, in one atomic step.
+
+    The directory appears under its name only with its owner file inside: a
+    concurrent run's reaper must never see it ownerless and delete it.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = run_dir.with_name(f".claim-{run_dir.name}-{os.getpid()}")
+    staging.mkdir()
+    staging.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the files inside
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
+    if result_path is not None:
+        (staging / RESULT_FILE).write_text(str(result_path.resolve()))
+    try:
+        staging.rename(run_dir)  # fails if run_dir exists: run ids are unique
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _tell_dead_run(
+    run_dir: Path, on_dead_run: Callable[[Path, Path, str], bool] | None, reaped: list[str]
+) -> None:
+    if on_dead_run is None:
+        return
+    try:
+        result_file = Path((run_dir / RESULT_FILE).read_text().strip())
+        owner = (run_dir / OWNER_FILE).read_text().strip()
+    except OSError:
+        return  # claimed before result files were recorded, or never finished claiming
+    if on_dead_run(run_dir, result_file, owner):
+        reaped.append(f"result {result_file} marked killed")
 
 
 def _owner_alive(run_dir: Path) -> bool:
+    if run_dir.name.startswith(".claim-"):  # being claimed: the pid is in its name
+        pid_text = run_dir.name.rsplit("-", 1)[-1]
+        return pid_text.isdigit() and pid_alive(int(pid_text))
     try:
         pid = int((run_dir / OWNER_FILE).read_text())
     except (OSError, ValueError):
@@ -180,12 +244,17 @@ def _owner_alive(run_dir: Path) -> bool:
 
 
 def reap_leftovers(
-    conn: libvirt.virConnect, runs_dir: Path, log: Callable[[str], None]
+    conn: libvirt.virConnect,
+    runs_dir: Path,
+    log: Callable[[str], None],
+    on_dead_run: Callable[[Path, Path, str], bool] | None = None,
 ) -> list[str]:
     """Destroy domains and delete run directories that a killed run left behind.
 
     Only what belongs to a run whose harness process is gone is touched, so
-    two harness runs on one host do not reap each other.
+    two harness runs on one host do not reap each other. Before a dead run's
+    directory goes, ``on_dead_run(run_dir, result_file, owner)`` may record
+    what happened in that run's result file (see results.mark_killed).
     """
     reaped: list[str] = []
     live_runs = (
@@ -199,6 +268,9 @@ def reap_leftovers(
             continue
         if any(name.startswith(f"{DOMAIN_PREFIX}{run}-") for run in live_runs):
             continue
+        owner = domain_owner(dom)
+        if owner is not None and pid_alive(owner):
+            continue  # a live process's domain (another run, a test), not a leftover
         try:
             if dom.isActive():
                 dom.destroy()
@@ -211,6 +283,7 @@ def reap_leftovers(
     if runs_dir.is_dir():
         for d in runs_dir.iterdir():
             if d.is_dir() and d.name not in live_runs:
+                _tell_dead_run(d, on_dead_run, reaped)
                 shutil.rmtree(d, ignore_errors=True)
                 reaped.append(f"run directory {d}")
     for item in reaped:

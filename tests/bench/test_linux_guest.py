@@ -14,7 +14,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from harness.image.linux import LinuxImage
-from harness.run import run_linux_phase
+from harness.platform.linux import run_linux_phase
 from harness.spec import PhaseSpec, WorkloadSpec
 from harness.trace import probes
 from harness.trace.program import TraceTarget

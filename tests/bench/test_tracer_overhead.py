@@ -44,6 +44,12 @@ PHASES = [
     MicroPhase(p.name, p.pages or 1, p.repeat)
     for p in load_workload(Path(__file__).parents[2] / "workloads" / "micro-touch.toml").phases
 ]
+#: Probes whose kernel stacks are counted too: rare ones (a marker per phase, root
+#: lookups) and the hottest one here (every emulated instruction).
+STACKED = {
+    "stacks-rare": ["kvm_cpuid", "kvm_mmu_get_page"],
+    "stacks-hot": ["kvm_emulate_insn"],
+}
 #: Work time (ns) per mode, filled as the tests run, compared by the last one.
 WORK_NS: dict[str, list[int]] = {}
 EVENTS: dict[str, list[int]] = {}
@@ -71,9 +77,16 @@ def run_micro(workdir: Path, mode: str, n: int) -> None:
         vm = lifecycle.start(conn, cfg, paused=True)
         stack.callback(lifecycle.destroy, vm)
         target = TraceTarget(vm="micro", pid=vm.pid, token=TOKEN)
-        wanted = {"harness-default": ["default"], "harness-all": ["all"]}.get(mode, ["markers"])
+        wanted = {
+            "harness-default": ["default"],
+            "harness-all": ["all"],
+            "stacks-rare": ["default"],
+            "stacks-hot": ["all"],
+        }.get(mode, ["markers"])
+        stacked = STACKED.get(mode, [])
         tracer = stack.enter_context(
-            Tracer(probes.select(wanted), [target], workdir=workdir / f"trace-{mode}-{n}")
+            Tracer(probes.select(wanted), [target], workdir=workdir / f"trace-{mode}-{n}",
+                   stacks=stacked)
         )
         tracer.start()
         peer = None
@@ -125,10 +138,22 @@ def test_harness_tracer_all_probes(benchmark: BenchmarkFixture, workdir: Path) -
 
 
 @pytest.mark.benchmark(group="tracer-overhead")
+def test_stacks_on_rare_probes(benchmark: BenchmarkFixture, workdir: Path) -> None:
+    """Default probes, with kernel stacks of the marker and root-lookup events."""
+    measure(benchmark, workdir, "stacks-rare")
+
+
+@pytest.mark.benchmark(group="tracer-overhead")
+def test_stacks_on_a_hot_probe(benchmark: BenchmarkFixture, workdir: Path) -> None:
+    """Every probe, with a kernel stack of every emulated instruction (~1.4 M a run)."""
+    measure(benchmark, workdir, "stacks-hot")
+
+
+@pytest.mark.benchmark(group="tracer-overhead")
 def test_tracefs_peer(benchmark: BenchmarkFixture, workdir: Path) -> None:
     measure(benchmark, workdir, "tracefs-peer")
     base = statistics.median(WORK_NS["untraced"])
-    for mode in ("harness-default", "harness-all", "tracefs-peer"):
+    for mode in ("harness-default", "harness-all", "stacks-rare", "stacks-hot", "tracefs-peer"):
         ratio = statistics.median(WORK_NS[mode]) / base
         benchmark.extra_info[f"slowdown_{mode}"] = ratio
         print(

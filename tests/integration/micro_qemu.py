@@ -11,10 +11,11 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from harness.image.micro import MicroImage
+from harness.image.paging import PagingImage
 
 GUEST_TIMEOUT_S = 120
 
@@ -43,13 +44,15 @@ def paused_qemu_argv(qmp_socket: Path, boot_args: list[str]) -> list[str]:
 class PausedMicroVM:
     """QEMU running the micro guest, started paused (-S) so a tracer can attach first."""
 
-    def __init__(self, image: MicroImage, workdir: Path) -> None:
+    def __init__(
+        self, image: MicroImage | PagingImage, workdir: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         self.qmp_path = workdir / f"qmp-{image.token}.sock"
         self.qmp_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             # The guest as its own firmware: SeaBIOS, when every instruction is
             # traced, sometimes failed its floppy read or sat for minutes in HLT.
-            paused_qemu_argv(self.qmp_path, ["-bios", str(image.rom_path)]),
+            paused_qemu_argv(self.qmp_path, ["-bios", str(image.rom_path), *extra_args]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -89,8 +92,10 @@ class PausedMicroVM:
 
 
 @contextlib.contextmanager
-def micro_vm(image: MicroImage, workdir: Path) -> Iterator[PausedMicroVM]:
-    vm = PausedMicroVM(image, workdir)
+def micro_vm(
+    image: MicroImage | PagingImage, workdir: Path, extra_args: Sequence[str] = ()
+) -> Iterator[PausedMicroVM]:
+    vm = PausedMicroVM(image, workdir, extra_args)
     try:
         yield vm
     finally:

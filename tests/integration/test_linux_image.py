@@ -134,7 +134,8 @@ def test_boot_ssh_and_workloads(booted: Booted) -> None:
         assert len(lines) == 2
         assert re.fullmatch(
             r"page-touch pass=1 kind=first-touch mib=64 pages=16384 "
-            r"seconds=\d+\.\d{6} mib_per_s=\d+\.\d{2}",
+            r"seconds=\d+\.\d{6} mib_per_s=\d+\.\d{2} pgfault=\d+ thp_fault_alloc=\d+ "
+            r"thp_fault_fallback=\d+ huge_used=\d+ minflt=\d+",
             lines[0],
         ), lines[0]
         assert lines[1].startswith("page-touch pass=2 kind=retouch mib=64 pages=16384 ")

@@ -124,14 +124,14 @@ def test_both_workloads_end_to_end(tmp_path: Path, linux_image: LinuxImage) -> N
 
 
 def test_failing_workload_is_recorded_not_retried(tmp_path: Path, linux_image: LinuxImage) -> None:
-    # 100 GiB cannot be mapped in a 768 MiB guest: page-touch exits non-zero.
+    # 64 GiB (the parameter's maximum) cannot be mapped in a 768 MiB guest: page-touch fails.
     suite = write_suite(
         tmp_path,
         """\
 [[runs]]
 workload = "page-touch"
 vm = "linux"
-params = { mib = 102400 }
+params = { mib = 65536 }
 """,
         trace=False,
     )
@@ -255,6 +255,11 @@ params = { mib = 8 }
     notes = only_result(after)["notes"]
     assert f"reaped leftover of a killed run: run directory {run_dir}" in notes
     assert not run_dir.exists()
+    # The killed run's own file now says what happened to it, and keeps what it measured.
+    killed = json.loads((results / f"{run_id}.json").read_text())
+    assert killed["status"] == "killed"
+    assert killed["errors"][-1].startswith("killed: its harness process")
+    assert killed["runs"] == data["runs"]
 
 
 def test_boot_timeout_quotes_the_console_and_cleans_up(

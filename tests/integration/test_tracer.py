@@ -160,6 +160,34 @@ def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
     assert (tmp_path / "trace.jsonl").stat().st_size > 0
 
 
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_program_for_n_targets_loads_and_keeps_vms_apart(tmp_path: Path, n: int) -> None:
+    """The kernel loads the program for any number of targets (not only `bpftrace -d`).
+
+    With two or more targets the marker filter once failed the verifier
+    ("dereference of modified ctx ptr"). Sleeping processes serve as targets:
+    loading needs live pids, not guests. Start() returns only once BEGIN ran
+    (every probe attached) and a dump came back through the marker probe.
+    """
+    with contextlib.ExitStack() as stack:
+        pids = [stack.enter_context(sleeper()).pid for _ in range(n)]
+        targets = [TraceTarget(f"vm{i}", pid, 0x100 + i) for i, pid in enumerate(pids)]
+        tracer = stack.enter_context(Tracer(P.select(["all"]), targets, workdir=tmp_path))
+        tracer.start()
+        names = {s.probe.name for s in tracer.program.attached}
+        assert {"kvm_cpuid", "kvm_emulate_insn"} <= names
+        # Every probe block plus BEGIN, END and the host-marker probe.
+        assert tracer.attached_probes == len(tracer.program.attached) + 3
+        # Host markers reach the VM whose token they carry, and no other.
+        for i, t in enumerate(tracer.program.targets):
+            for phase in range(1, i + 2):
+                tracer.mark_phase(t, phase)
+        final = tracer.stop()
+    hmarks = final.counter("hmarks")
+    assert hmarks == {(pid, ph): 1 for i, pid in enumerate(pids) for ph in range(1, i + 2)}
+    assert final.counter("hphase") == {(pid,): i + 1 for i, pid in enumerate(pids)}
+
+
 def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) -> None:
     with (
         sleeper() as p,

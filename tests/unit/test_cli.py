@@ -57,3 +57,27 @@ def test_probes_json_lists_catalogue_with_reasons() -> None:
     assert {"kvm_exit", "kvm_page_fault", "kvm_cpuid", "kvm_mmu_load"} <= set(probes)
     for p in probes.values():
         assert p["question"] and (p["available"] or p["reason"])
+
+
+def test_validate_names_concurrent_groups() -> None:
+    result = CliRunner().invoke(main, ["validate", str(SUITES_DIR / "neighbours.toml")])
+    assert result.exit_code == 0, result.output
+    assert "group neighbours: toucher + stressor at once" in result.output
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="needs libvirt-clients")
+@pytest.mark.parametrize(
+    ("suite", "vm"),
+    [("neighbours.toml", "toucher"), ("neighbours.toml", "stressor"),
+     ("micro-neighbours.toml", "falling")],
+)
+def test_vm_xml_of_a_group_member_is_valid(tmp_path: Path, suite: str, vm: str) -> None:
+    result = CliRunner().invoke(main, ["vm", "xml", str(SUITES_DIR / suite), "--vm", vm])
+    assert result.exit_code == 0, result.output
+    assert f"<name>kvmh-RUNID-{vm}</name>" in result.output
+    xml = tmp_path / "d.xml"
+    xml.write_text(result.output)
+    proc = subprocess.run(
+        ["virt-xml-validate", str(xml), "domain"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr + result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -112,3 +113,19 @@ def test_micro_domain_shape(tmp_path: Path) -> None:
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     assert "isa-debug-exit,iobase=0xf4,iosize=0x04" in args
     assert "-netdev" not in args
+
+
+@pytest.mark.parametrize("kib", [2048, 1048576])
+def test_hugetlbfs_backed_memory(tmp_path: Path, kib: int) -> None:
+    cfg = dataclasses.replace(
+        micro_config(name="kvmh-test-huge", memory_mib=16, rom=tmp_path / "paging.rom",
+                     console_log=tmp_path / "console.log"),
+        hugepages_kib=kib,
+    )
+    xml = domain_xml(cfg)
+    page = ET.fromstring(xml).find("memoryBacking/hugepages/page")
+    assert page is not None and (page.get("size"), page.get("unit")) == (str(kib), "KiB")
+    assert ET.fromstring(micro_xml(tmp_path)).find("memoryBacking") is None
+    if shutil.which("virt-xml-validate") and shutil.which("xmllint"):
+        proc = validate(tmp_path, xml)
+        assert proc.returncode == 0, proc.stderr

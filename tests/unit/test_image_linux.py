@@ -272,7 +272,8 @@ def test_kvm_marker_valid_and_invalid_args(tmp_path: Path) -> None:
 
 _LINE = re.compile(
     r"page-touch pass=(\d+) kind=(first-touch|retouch) mib=(\d+) pages=(\d+) "
-    r"seconds=(\d+\.\d{6}) mib_per_s=(\d+\.\d{2})"
+    r"seconds=(\d+\.\d{6}) mib_per_s=(\d+\.\d{2}) pgfault=(\d+) thp_fault_alloc=(\d+) "
+    r"thp_fault_fallback=(\d+) huge_used=(\d+) minflt=(\d+)"
 )
 
 

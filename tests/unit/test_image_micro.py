@@ -121,3 +121,15 @@ def test_shipped_workload_builds_with_1_2_4_ratio(tmp_path: Path) -> None:
     img = build_micro_image(tmp_path, phases, token=42)
     work = [p.pages * p.repeat for p in img.phases]
     assert [w / work[0] for w in work] == [1.0, 2.0, 4.0]
+
+
+def test_recipe_digest_ignores_the_token_and_follows_the_phases(tmp_path: Path) -> None:
+    """Two runs of one micro guest differ only in their token: same recipe, other ROM."""
+    from harness.image.micro import recipe_digest
+
+    phases = [MicroPhase("a", 16, 2), MicroPhase("b", 32, 2)]
+    one = build_micro_image(tmp_path / "one", phases, 0x11)
+    two = build_micro_image(tmp_path / "two", phases, 0x22)
+    assert one.rom_digest != two.rom_digest
+    assert recipe_digest(phases) == recipe_digest(list(phases))
+    assert recipe_digest(phases) != recipe_digest([MicroPhase("a", 16, 3), phases[1]])

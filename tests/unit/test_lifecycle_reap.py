@@ -11,6 +11,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from harness.results import WorkloadRun, load, write_atomic
 from harness.vm.lifecycle import DOMAIN_PREFIX, OWNER_FILE, reap_leftovers
 
 DOMAIN = """<domain type='test'><name>{name}</name><memory>65536</memory>
@@ -54,3 +55,73 @@ def test_killed_runs_are_reaped_live_runs_are_not(conn: libvirt.virConnect, tmp_
     assert not dead.exists() and live.exists()
     assert reaped == [f"domain {DOMAIN_PREFIX}dead-linux", f"run directory {dead}"]
     assert all("reaped leftover of a killed run" in line for line in said) and len(said) == 2
+
+
+def test_domains_of_a_live_owner_are_spared_without_a_run_dir(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Tests and benchmarks start domains outside any run: their owner metadata protects them."""
+    from harness.vm.lifecycle import domain_owner, with_owner
+
+    live = f"{DOMAIN_PREFIX}bench-live"
+    dead = f"{DOMAIN_PREFIX}bench-dead"
+    conn.defineXML(with_owner(DOMAIN.format(name=live), os.getpid())).create()
+    conn.defineXML(with_owner(DOMAIN.format(name=dead), dead_pid())).create()
+    assert domain_owner(conn.lookupByName(live)) == os.getpid()
+
+    reaped = reap_leftovers(conn, tmp_path, lambda _line: None)
+
+    names = {d.name() for d in conn.listAllDomains()}
+    assert live in names and dead not in names
+    assert reaped == [f"domain {dead}"]
+
+
+def test_a_run_dir_appears_with_its_owner_and_a_claim_in_progress_is_spared(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    from harness.vm.lifecycle import claim_run_dir
+
+    claim_run_dir(tmp_path / "r1")
+    assert (tmp_path / "r1" / OWNER_FILE).read_text() == str(os.getpid())
+    assert [p.name for p in tmp_path.iterdir()] == ["r1"]  # no staging left
+    in_progress = tmp_path / f".claim-r2-{os.getpid()}"
+    in_progress.mkdir()  # a concurrent run between mkdir and writing its owner file
+    abandoned = tmp_path / f".claim-r3-{dead_pid()}"
+    abandoned.mkdir()
+    reap_leftovers(conn, tmp_path, lambda _line: None)
+    assert in_progress.exists() and (tmp_path / "r1").exists() and not abandoned.exists()
+    with pytest.raises(OSError):
+        claim_run_dir(tmp_path / "r1")  # run ids are unique: never two owners
+
+
+def test_a_dead_runs_result_file_is_told_it_was_killed(
+    conn: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """The reaper hands the dead run's result file to the callback; mark_killed rewrites it."""
+    from harness.results import mark_killed
+    from harness.vm.lifecycle import RESULT_FILE
+    from tests.unit.test_results import result
+
+    results = tmp_path / "results"
+    runs = tmp_path / "runs"
+    dead_file, done_file = results / "dead.json", results / "done.json"
+    running = result("running")
+    running.runs.append(
+        WorkloadRun(workload="w", vm="v", repetition=1, params={}, status="ok")
+    )
+    write_atomic(running, dead_file)
+    write_atomic(result("complete"), done_file)
+    for name, file in (("dead", dead_file), ("done", done_file)):
+        d = run_dir(runs, name, dead_pid())
+        (d / RESULT_FILE).write_text(str(file))
+
+    def killed(_d: Path, file: Path, owner: str) -> bool:
+        return mark_killed(file, f"killed: pid {owner} gone")
+
+    reaped = reap_leftovers(conn, runs, lambda _line: None, killed)
+
+    after = load(dead_file)
+    assert after.status == "killed" and after.errors[-1].startswith("killed: pid ")
+    assert after.runs == running.runs  # what it measured is untouched
+    assert load(done_file).status == "complete"  # only a file still claiming "running"
+    assert f"result {dead_file} marked killed" in reaped

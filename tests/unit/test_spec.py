@@ -147,3 +147,68 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_suite(write(tmp_path, "bad.toml", "name = \n"))
     with pytest.raises(SpecError, match="cannot read"):
         load_suite(tmp_path / "absent.toml")
+
+
+PAIR = """\
+name = "s"
+[[vms]]
+name = "a"
+[[vms]]
+name = "b"
+[[vms]]
+name = "c"
+[[runs]]
+workload = "touch"
+vm = "a"
+[[runs]]
+workload = "touch"
+vm = "b"
+
+[[groups]]
+name = "pair"
+vms = ["a", "b"]
+"""
+
+
+def test_group_of_vms_loads(tree: Path) -> None:
+    suite = load_suite(write(tree, "suites/s.toml", PAIR))
+    (group,) = suite.spec.groups
+    assert group.name == "pair" and group.vms == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason", "fix"),
+    [
+        (('vms = ["a", "b"]', 'vms = ["a"]'), "groups[0].vms", "needs at least two",
+         "or remove the group"),
+        (('vms = ["a", "b"]', 'vms = ["a", "x"]'), "groups[0].vms", "no VM named 'x'",
+         "use names from [[vms]]: a, b, c"),
+        (('vms = ["a", "b"]', 'vms = ["a", "a"]'), "groups[0].vms", "VM 'a' is listed twice",
+         "define another [[vms]] entry"),
+        (('vms = ["a", "b"]', 'vms = ["a", "c"]'), "groups[0].vms", "VM 'c' has no runs",
+         'add a [[runs]] entry with vm = "c"'),
+        (('vms = ["a", "b"]', 'vms = ["a", "b"]\n[[groups]]\nname = "two"\nvms = ["b", "a"]'),
+         "groups[1].vms", "VM 'b' is already in group 'pair'", "runs in one group"),
+        (('vms = ["a", "b"]', 'vms = ["a", "b"]\n[[groups]]\nname = "pair"\nvms = ["c", "a"]'),
+         "groups[1].name", "group 'pair' is defined twice", "its own name"),
+        (('name = "pair"', 'name = "Pair!"'), "groups[0].name", "should match pattern", ""),
+        (('vms = ["a", "b"]', 'vms = ["a", "b"]\nconcurrent = true'), "groups[0].concurrent",
+         "Extra inputs", "remove or rename the key"),
+    ],
+)
+def test_bad_group_names_file_line_field_reason_and_fix(
+    tree: Path, change: tuple[str, str], field: str, reason: str, fix: str
+) -> None:
+    path = write(tree, "suites/s.toml", PAIR.replace(*change))
+    with pytest.raises(SpecError) as err:
+        load_suite(path)
+    assert err.value.field == field
+    assert reason in err.value.reason
+    assert fix in err.value.fix
+    # The line of the offending group's entry, counted in the file as written.
+    lines = path.read_text().splitlines()
+    key = field.rsplit(".", 1)[1]
+    index = int(field.split("[")[1].split("]")[0])
+    header = [n for n, line in enumerate(lines) if line == "[[groups]]"][index]
+    line = next(n for n in range(header, len(lines)) if lines[n].startswith(f"{key} ="))
+    assert str(err.value).startswith(f"{path}:{line + 1}: {field}: ")

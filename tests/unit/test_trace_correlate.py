@@ -155,3 +155,37 @@ def test_empty_snapshot_still_reports_phase_zero() -> None:
     pt = phase_traces(TraceSnapshot(), VM, [1])
     assert pt[0].events_total == 0 and pt[1].attribution == "host-window"
     assert pt[0].model_dump()["events_total"] == 0
+
+
+def test_get_page_split_by_created_and_its_absence() -> None:
+    ev = {(100, 0, 0, GETPAGE): 4, (100, 1, 1, GETPAGE): 7, (100, 2, 2, CPUID): 1}
+    markers = {(100, 1): 1, (100, 2): 1}
+    split = make_snapshot(ev, markers=markers,
+                          getpage={(100, 0, 0, 1): 4, (100, 1, 1, 1): 2, (100, 1, 1, 0): 5})
+    pt = phase_traces(split, VM, [1, 2], attached=["kvm_mmu_get_page", "kvm_cpuid"])
+    assert [(pt[p].shadow_pages_created, pt[p].shadow_pages_found) for p in (0, 1, 2)] == [
+        (4, 0), (2, 5), (0, 0)]
+    # The split adds up to the phase's kvm_mmu_get_page events.
+    for t in pt.values():
+        assert (t.shadow_pages_created or 0) + (t.shadow_pages_found or 0) == t.mmu_events.get(
+            "kvm_mmu_get_page", 0)
+    # A program without the split: unknown where there were events, zero where there were none.
+    old = phase_traces(make_snapshot(ev, markers=markers), VM, [1, 2],
+                       attached=["kvm_mmu_get_page", "kvm_cpuid"])
+    assert (old[1].shadow_pages_created, old[1].shadow_pages_found) == (None, None)
+    assert (old[2].shadow_pages_created, old[2].shadow_pages_found) == (0, 0)
+    # Not traced at all: unknown everywhere.
+    none = phase_traces(split, VM, [1, 2], attached=["kvm_cpuid"])
+    assert all(t.shadow_pages_created is None for t in none.values())
+
+
+def test_cr3_writes_note_says_when_zero_is_not_a_count() -> None:
+    snap = make_snapshot(EV, markers={(100, 1): 1})
+    names = ["kvm_cr", "kvm_cpuid"]
+    pvm = phase_traces(snap, VM, [1], attached=names, mmu_mode="pvm")
+    assert pvm[1].cr3_writes_note is not None and "emulates guest MOV CR3" in pvm[1].cr3_writes_note
+    ept = phase_traces(snap, VM, [1], attached=names, mmu_mode="ept")[1].cr3_writes_note
+    assert ept is not None and "do not exit" in ept
+    assert phase_traces(snap, VM, [1], attached=names, mmu_mode="shadow")[1].cr3_writes_note is None
+    untraced = phase_traces(snap, VM, [1], attached=["kvm_cpuid"], mmu_mode="shadow")
+    assert untraced[1].cr3_writes_note == "kvm:kvm_cr was not traced: cr3_writes is not a count"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -41,14 +42,23 @@ def test_every_probe_filtered_to_target_pids_and_keyed_by_phase() -> None:
         # One counter update per event: totals and per-vCPU views are derived in Python.
         assert f"@evt[pid, tid, $g, $h, {P.probe_id(p.name)}] = count();" in block
         assert block.count("= count();") == (2 if p.name == "kvm_cpuid" else 1) + sum(
-            m in block for m in ("@exits[", "@pf[", "@crw["))
+            m in block for m in ("@exits[", "@pf[", "@crw[", "@getpage["))
     # Guest markers are accepted only with the token of the VM that runs them.
-    assert "(pid == 1111 && (args->index >> 16) == 7)" in text
-    assert "(pid == 2222 && (args->index >> 16) == 65535)" in text
+    assert "(pid == 1111 && ($index >> 16) == 7)" in text
+    assert "(pid == 2222 && ($index >> 16) == 65535)" in text
+    # Each tracepoint field is loaded once per block, before any branch: a field read in
+    # several arms of the per-target disjunction is what the verifier rejected.
+    for block in text.split("\n}\n"):
+        body = block.split("\n{\n", 1)[-1]
+        fields = re.findall(r"args->(\w+)", body)
+        assert len(fields) == len(set(fields)), block
+        if fields and "if (" in body:
+            assert body.rindex("args->") < body.index("if ("), block
+    assert "$index = args->index;" in text and "$which = args->which;" in text
     # Host markers map tokens to pids (the syscall comes from the harness).
     assert "if (($who >> 16) == 7) {  // vm-a" in text
     assert "@hphase[(uint64)1111] = $ph;" in text
-    assert f"args->which == {HOST_DUMP_WHICH:#x}" in text
+    assert f"/(args->which | 1) == {HOST_DUMP_WHICH:#x}/" in text  # marker or dump
     assert "} else if (($who >> 16) == 5) {" in text
     assert text.index("print(@lat);") < text.index("print(@dump_done);")
     assert prog.latencies == (0, 1)
@@ -160,3 +170,15 @@ def test_bpftrace_accepts_kprobe_function_blocks() -> None:
 def test_bpftrace_rejection_is_reported() -> None:
     with pytest.raises(ProgramError, match="kvm_no_such_event"):
         check_program("tracepoint:kvm:kvm_no_such_event { @x = count(); }\n")
+
+
+def test_template_digest_ignores_pids_tokens_session_but_not_probes_or_count() -> None:
+    sts = [fake_status("kvm_cpuid"), fake_status("kvm_exit")]
+    a = generate(sts, [T1, T2], session=5)
+    b = generate(sts, [TraceTarget("x", 42, 9), TraceTarget("y", 43, 10)], session=77)
+    assert a.sha256 != b.sha256  # the real programs differ ...
+    assert a.template_sha256 == b.template_sha256  # ... the program they instantiate does not
+    assert len(a.template_sha256) == 64
+    assert generate(sts, [T1], session=5).template_sha256 != a.template_sha256
+    other = generate([fake_status("kvm_cpuid")], [T1, T2], session=5)
+    assert other.template_sha256 != a.template_sha256

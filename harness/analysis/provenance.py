@@ -1,0 +1,157 @@
+"""What differs between the two sides of a comparison, and whether that is fair.
+
+Two kinds of provenance field:
+
+* **what changed** (the subject of an A/B): host kernel and command line, KVM
+  module parameters, MMU mode, QEMU / libvirt / bpftrace versions, CPU
+  microcode. These are expected to differ; they lead the output.
+* **fairness** (must be equal, or the numbers are not comparable): the guest
+  image, accelerator, vCPUs and memory, the probes attached and the tracer
+  program, the result schema, host THP mode and CPU model. A difference here
+  makes the comparison unfair: exit status 2 unless ``--allow-mismatch``.
+
+Every field must also be uniform within a side: pooling runs of two kernels
+into one side would average away the very change being looked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from harness.results import RunResult, VmRecord
+
+Values = Callable[[RunResult], Iterable[tuple[str, str]]]
+
+
+def _host(attr: str) -> Values:
+    return lambda r: [(f"host.{attr}", _s(getattr(r.host, attr)))]
+
+
+def _kvm_params(r: RunResult) -> Iterable[tuple[str, str]]:
+    for module, params in r.host.kvm_params.items():
+        for name, value in params.items():
+            yield f"{module}.{name}", value
+
+
+def _per_vm(attr: str, get: Callable[..., object]) -> Values:
+    # One entry per VM name: a suite's VMs are compared VM by VM.
+    return lambda r: [(f"vm {vm.name}: {attr}", _s(get(vm))) for vm in r.vms]
+
+
+def _selection(vm: VmRecord) -> str:
+    """The probes a run asked for: attached or not (availability is the kernel's business)."""
+    if vm.trace is None:
+        return ""
+    names = set(vm.trace.probes_attached) | {p.probe for p in vm.trace.probes_not_attached}
+    return ",".join(sorted(names))
+
+
+def _s(value: object) -> str:
+    if value is None:
+        return "(unknown)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+#: Fields whose difference is what an A/B comparison is about.
+CHANGES: list[tuple[Values, str]] = [
+    (_host("kernel_release"), "host kernel"),
+    (_host("kernel_cmdline"), "host kernel command line"),
+    (_kvm_params, "KVM module parameter"),
+    (_host("mmu_mode"), "KVM MMU mode"),
+    (_host("tdp_mmu"), "KVM TDP MMU"),
+    (_host("qemu_version"), "QEMU version"),
+    (_host("libvirt_version"), "libvirt version"),
+    (_host("bpftrace_version"), "bpftrace version"),
+    (_host("microcode"), "CPU microcode"),
+    (
+        _per_vm("probes attached", lambda v: ",".join(sorted(v.trace.probes_attached))
+                if v.trace else ""),
+        "probes that attach differ (a function renamed, inlined or gone in one kernel): "
+        "their figures are listed as measured on one side only",
+    ),
+]
+
+#: Fields that must be equal for the comparison to be fair, with why.
+FAIRNESS: list[tuple[Values, str]] = [
+    (lambda r: [("schema_version", str(r.schema_version))], "result schema version"),
+    (_host("cpu_model"), "a different CPU measures the CPU, not the change"),
+    (_host("thp_enabled"), "host THP mode changes how guest memory is backed"),
+    (_per_vm("image", lambda v: v.image_recipe or v.image_digest), "guest image differs"),
+    (_per_vm("accelerator", lambda v: v.accelerator), "KVM against TCG is not a kernel change"),
+    (_per_vm("vcpus", lambda v: v.vcpus), "vCPU count differs"),
+    (_per_vm("memory_mib", lambda v: v.memory_mib), "guest memory differs"),
+    (
+        _per_vm("probe selection", _selection),
+        "a different probe selection: tracing overhead and trace figures differ",
+    ),
+    (
+        _per_vm(
+            "tracer program",
+            lambda v: (v.trace.program_template_sha256 if v.trace else None) or "(not recorded)",
+        ),
+        "the same probes traced by a different program may count differently",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class FieldDiff:
+    """One provenance field and its values on each side."""
+
+    field: str
+    base: tuple[str, ...]
+    candidate: tuple[str, ...]
+    meaning: str
+    fair: bool  # False: the comparison is unfair because of this field
+
+    def describe(self) -> str:
+        """``field: a -> b`` (or the sets of values where a side is mixed)."""
+        b = " | ".join(self.base) or "(absent)"
+        c = " | ".join(self.candidate) or "(absent)"
+        return f"{self.field}: {b} -> {c}"
+
+
+def _collect(results: Iterable[RunResult], values: Values) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in results:
+        for name, value in values(r):
+            out.setdefault(name, set()).add(value)
+    return out
+
+
+def differences(base: list[RunResult], candidate: list[RunResult]) -> list[FieldDiff]:
+    """Every provenance field that differs between the sides or within one of them.
+
+    Changes are fair unless a side is mixed; fairness fields are unfair on any
+    difference. A field absent on one side (e.g. a VM only one side ran) is
+    left to phase matching, which reports unmatched phases itself.
+    """
+    out: list[FieldDiff] = []
+    for table, is_change in ((CHANGES, True), (FAIRNESS, False)):
+        for values, meaning in table:
+            b, c = _collect(base, values), _collect(candidate, values)
+            for name in sorted(set(b) | set(c)):
+                bv, cv = b.get(name, set()), c.get(name, set())
+                if not bv or not cv:
+                    if is_change:  # e.g. a KVM parameter that exists on one kernel only
+                        out.append(FieldDiff(name, tuple(sorted(bv)), tuple(sorted(cv)),
+                                             meaning, True))
+                    continue
+                mixed = len(bv) > 1 or len(cv) > 1
+                if bv == cv and not mixed:
+                    continue
+                why = meaning
+                if mixed:
+                    side = "base" if len(bv) > 1 else "candidate"
+                    why = f"{meaning}; the {side} side mixes values, so its runs cannot be pooled"
+                out.append(FieldDiff(name, tuple(sorted(bv)), tuple(sorted(cv)), why,
+                                     is_change and not mixed))
+    # Other attached probes make another program by construction; that is the kernel's
+    # doing (reported above), not a different tracer.
+    attached_differ = {d.field.removesuffix("probes attached") for d in out
+                       if d.field.endswith("probes attached") and d.fair}
+    return [d for d in out if not (d.field.endswith("tracer program")
+                                   and d.field.removesuffix("tracer program") in attached_differ)]

@@ -1,0 +1,364 @@
+"""Linux guests: the cached Debian image, direct kernel boot, SSH on a loopback forward.
+
+Readiness is SSH answering. Each phase is one guest command bracketed by
+host markers (the harness's getpriority) and guest markers (``kvm-marker``,
+a cpuid); its trace is fetched from the tracer right after it ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import libvirt
+
+from harness import metrics, tracing
+from harness.guest.base import Guest, GuestError, GuestTimeout
+from harness.guest.ssh import SshGuest
+from harness.host.facts import choose_accelerator
+from harness.image import cache as image_cache
+from harness.image.linux import (
+    IMAGE_NAME,
+    LinuxImage,
+    build_linux_image,
+    cached_linux_image,
+    load_recipe,
+    recipe_digest,
+)
+from harness.platform.base import BootPlan, ChooseAccelerator, RunContext, WorkItem
+from harness.results import PhaseResult, VmRecord, WorkloadRun
+from harness.runstate import RunState, Teardown
+from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec, WorkloadSpec
+from harness.trace import kvmstats
+from harness.trace.parse import TraceSnapshot
+from harness.trace.program import TraceTarget
+from harness.trace.runner import Tracer
+from harness.vm import configs, lifecycle
+from harness.vm.domain import DomainConfig
+
+TAIL_CHARS = 2000
+
+
+class LinuxPlatform:
+    """Linux guests over SSH. One boot per VM runs all of its workloads."""
+
+    kind = "linux"
+
+    def __init__(self) -> None:
+        self._image_lock = threading.Lock()
+        self._ports_lock = threading.Lock()
+        self._ports: set[int] = set()
+
+    def plan(
+        self, suite: Suite, vm: VmSpec, runs: list[RunSpec], group: str | None
+    ) -> list[BootPlan]:
+        """One boot for every repetition of every run, in suite order."""
+        items = tuple(
+            WorkItem(run, suite.workloads[run.workload], n)
+            for run in runs
+            for n in range(1, suite.repetitions(run) + 1)
+        )
+        return [BootPlan(vm=vm, items=items, name=vm.name, group=group)] if items else []
+
+    def session(self, ctx: RunContext, plan: BootPlan) -> LinuxSession:
+        """A session that boots ``plan.vm`` and runs its workloads over SSH."""
+        return LinuxSession(self, ctx, plan)
+
+    def image(self, progress: Callable[[str], None]) -> LinuxImage:
+        """The default image, built once even when several VMs boot at the same time."""
+        with self._image_lock:
+            return build_linux_image(progress=progress)
+
+    def ssh_port(self) -> int:
+        """A free loopback port no other VM of this process was given (they boot at once)."""
+        with self._ports_lock:
+            while (port := lifecycle.free_port()) in self._ports:
+                pass
+            self._ports.add(port)
+            return port
+
+    def preview_config(
+        self, vm: VmSpec, domain: str, run_dir: Path, accelerator: ChooseAccelerator
+    ) -> tuple[DomainConfig, str]:
+        """The Linux domain; image paths are placeholders (with a comment) until it is built."""
+        image = cached_linux_image()
+        if image is not None:
+            kernel, initrd, cmdline, note = image.kernel, image.initrd, image.cmdline, ""
+        else:
+            where = image_cache.entry_dir(IMAGE_NAME, recipe_digest())
+            kernel, initrd = where / "vmlinuz", where / "initrd.cpio"
+            cmdline = load_recipe().cmdline
+            note = "<!-- image not built yet: `harness image build linux` creates these paths -->\n"
+        cfg = configs.linux_config(
+            name=domain,
+            accelerator=accelerator(vm.accelerator),
+            memory_mib=vm.memory_mib,
+            vcpus=vm.vcpus,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            overlay=run_dir / f"{vm.name}.qcow2",
+            console_log=run_dir / f"{vm.name}.console.log",
+            ssh_port=2222,
+            balloon=vm.balloon,
+        )
+        return cfg, note
+
+
+class LinuxSession:
+    """One boot of a Linux guest: overlay, domain, SSH, then its workloads phase by phase."""
+
+    needs_tracer = False
+
+    def __init__(self, platform: LinuxPlatform, ctx: RunContext, plan: BootPlan) -> None:
+        self.platform, self.ctx, self.plan = platform, ctx, plan
+        self.record: VmRecord | None = None
+        self.target: TraceTarget | None = None
+        self._guest: SshGuest | None = None
+        self._running: lifecycle.RunningVm | None = None
+
+    def boot(self, teardown: Teardown) -> None:
+        """Overlay, domain, SSH: ready once the guest answers SSH."""
+        state, vm = self.ctx.state, self.plan.vm
+        rep = state.reporter
+        accel, reason = choose_accelerator(vm.accelerator, self.ctx.facts)
+        rep.step(
+            f"vm {vm.name}: image linux: checking cache (builds from Debian packages on first use)"
+        )
+        image = self.platform.image(rep.step)
+        token = state.new_token()
+        record = VmRecord(
+            name=vm.name,
+            domain=lifecycle.domain_name(state.result.run_id, self.plan.name),
+            image="linux",
+            image_digest=image.digest,
+            image_packages={"kernel": image.kernel_release, **image.packages},
+            accelerator=accel,
+            accelerator_reason=reason,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            marker_token=token,
+            group=self.plan.group,
+        )
+        with state.lock:
+            state.result.vms.append(record)
+        self.record = record
+        state.check_cancel()
+        running = self._start(image, record, teardown)
+        guest = _wait_for_ssh(running, image, vm, state)
+        teardown.callback(guest.close)
+        self._guest, self._running = guest, running
+        with state.lock:
+            record.boot_to_ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
+            state.save()
+        rep.step(
+            f"vm {vm.name}: SSH ready after {record.boot_to_ready_s:.1f} s ({accel}: {reason})"
+        )
+        self.target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
+
+    def _start(
+        self, image: LinuxImage, record: VmRecord, teardown: Teardown
+    ) -> lifecycle.RunningVm:
+        state, vm = self.ctx.state, self.plan.vm
+        overlay = state.run_dir / f"{self.plan.name}.qcow2"
+        lifecycle.create_overlay(image.disk, overlay)
+        teardown.callback(overlay.unlink, missing_ok=True)
+        console = state.run_dir / f"{self.plan.name}.console.log"
+        kept = state.path.with_name(f"{state.path.stem}.{console.name}")
+        record.console_log = str(kept)
+        cfg = configs.linux_config(
+            name=record.domain,
+            accelerator=record.accelerator,
+            memory_mib=vm.memory_mib,
+            vcpus=vm.vcpus,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
+            overlay=overlay,
+            console_log=console,
+            ssh_port=self.platform.ssh_port(),
+            balloon=vm.balloon,
+        )
+        state.reporter.step(f"vm {vm.name}: starting {record.domain}")
+        running = lifecycle.start(self.ctx.conn, cfg)
+        # The run directory is deleted at the end; the console log is evidence.
+        teardown.callback(_copy_if_exists, console, kept)
+        teardown.callback(lifecycle.destroy, running)
+        record.qemu_pid = running.pid
+        return running
+
+    def drive(self, tracer: Tracer | None) -> None:
+        """Every repetition of every workload, phase by phase, in order."""
+        assert self._guest is not None and self._running is not None
+        assert self.record is not None and self.target is not None
+        domain = self._running.domain
+        memory_kib = self.plan.vm.memory_mib * 1024
+        for item in self.plan.items:
+            self.ctx.state.check_cancel()
+            _run_workload(
+                self.ctx.state,
+                self._guest,
+                item,
+                self.target,
+                tracer,
+                self.plan.name,
+                self.record,
+                lambda: tracing.kvm_stats(domain),
+                lambda percent: resize_memory(domain, memory_kib * percent // 100),
+            )
+
+    def collect(self, snapshot: TraceSnapshot | None) -> None:
+        """Nothing left: every phase fetched its trace when it ended."""
+
+
+def _copy_if_exists(src: Path, dest: Path) -> None:
+    if src.exists():
+        shutil.copyfile(src, dest)
+
+
+def _wait_for_ssh(
+    running: lifecycle.RunningVm, image: LinuxImage, vm: VmSpec, state: RunState
+) -> SshGuest:
+    assert running.ssh_port is not None
+    try:
+        return SshGuest.connect(
+            "127.0.0.1",
+            running.ssh_port,
+            user=image.ssh_user,
+            key_file=image.ssh_private_key,
+            host_key=image.host_key,
+            deadline_s=vm.boot_timeout_s,
+            stop_if=state.cancel.is_set,
+        )
+    except GuestError as exc:
+        state.check_cancel()  # torn down meanwhile: not a boot failure
+        raise GuestError(
+            f"{vm.name} did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}\n"
+            f"last console lines ({running.console_log}):\n"
+            f"{lifecycle.console_tail(running.console_log)}"
+        ) from exc
+
+
+def _run_workload(
+    state: RunState,
+    guest: Guest,
+    item: WorkItem,
+    target: TraceTarget,
+    tracer: Tracer | None,
+    boot_id: str,
+    record: VmRecord,
+    stats: Callable[[], dict[str, int] | None],
+    resize: Callable[[int], None] | None = None,
+) -> None:
+    workload, run = item.workload, item.run
+    params = {**workload.defaults(), **run.params}
+    wrun = WorkloadRun(
+        workload=workload.name,
+        vm=run.vm,
+        repetition=item.repetition,
+        params=params,
+        status="incomplete",
+    )
+    with state.lock:
+        state.result.runs.append(wrun)
+        state.save()  # the file shows what is running, not only what finished
+    for spec in workload.phases:
+        number = state.next_phase(boot_id)
+        phase = run_linux_phase(
+            guest, workload, spec, params, number, target, tracer, stats, resize
+        )
+        # A phase cut short by the teardown is not a measurement: leave it out.
+        state.check_cancel()
+        if tracer is not None:
+            tracing.trace_phase(state, tracer, target, phase, record)
+        with state.lock:
+            wrun.phases.append(phase)
+            if phase.status != "ok":
+                wrun.status = "failed"
+            state.save()
+        state.reporter.phase(wrun, phase)
+        if phase.status != "ok":
+            return  # later phases of this repetition depend on this one
+    with state.lock:
+        wrun.status = "ok"
+        state.save()
+
+
+def resize_memory(domain: libvirt.virDomain, kib: int, timeout_s: float = 180.0) -> None:
+    """Set the guest's memory to ``kib`` through its balloon; return once the guest got there.
+
+    Raises GuestError if the balloon has not reached the target (within 1 MiB)
+    after ``timeout_s``: the guest cannot give up that much, or has no driver.
+    """
+    try:
+        domain.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise GuestError(f"setMemory({kib} KiB) failed: {exc}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actual = domain.memoryStats().get("actual")
+        if actual is not None and abs(actual - kib) <= 1024:
+            return
+        if time.monotonic() > deadline:
+            raise GuestError(
+                f"the balloon is at {actual} KiB after {timeout_s:.0f} s, asked for {kib} KiB "
+                "(is virtio_balloon loaded in the guest, and can it give up that much?)"
+            )
+        time.sleep(0.2)
+
+
+def run_linux_phase(
+    guest: Guest,
+    workload: WorkloadSpec,
+    spec: PhaseSpec,
+    params: dict[str, str | int | float],
+    number: int,
+    target: TraceTarget,
+    tracer: Tracer | None,
+    stats: Callable[[], dict[str, int] | None],
+    resize: Callable[[int], None] | None = None,
+) -> PhaseResult:
+    """Run one phase: host marker, guest command between guest markers, host marker.
+
+    A phase with ``balloon_percent`` first has ``resize`` set the guest's memory
+    (inside the phase, so the host's work for it is attributed to the phase).
+    Returns the phase record without its trace (fetched by the caller) so the
+    benchmark can time exactly this path.
+    """
+    command = workload.render(spec, params)
+    phase = PhaseResult(
+        index=number, name=spec.name, command=command, started_at=datetime.now(UTC), status="error"
+    )
+    stats_before = stats()
+    start_ns = tracer.mark_phase(target, number) if tracer else time.monotonic_ns()
+    try:
+        if spec.balloon_percent is not None:
+            if resize is None:
+                raise GuestError(f"phase {spec.name} resizes memory, but this VM cannot")
+            resize(spec.balloon_percent)
+        out = guest.run(
+            guest.phase_command(command, target.token, number), timeout_s=spec.timeout_s
+        )
+    except GuestTimeout as exc:
+        phase.status, phase.error = "timeout", str(exc)
+        phase.stdout_tail, phase.stderr_tail = exc.stdout[-TAIL_CHARS:], exc.stderr[-TAIL_CHARS:]
+    except GuestError as exc:
+        phase.status, phase.error = "error", str(exc)
+    else:
+        phase.exit_status = out.exit_status
+        phase.status = "ok" if out.exit_status == 0 else "failed"
+        phase.stdout_tail, phase.stderr_tail = out.stdout[-TAIL_CHARS:], out.stderr[-TAIL_CHARS:]
+        phase.metrics, phase.metrics_missing = metrics.extract(spec, out.stdout + "\n" + out.stderr)
+        if out.exit_status != 0:
+            phase.error = f"exit status {out.exit_status}"
+    end_ns = tracer.mark_phase(target, 0) if tracer else time.monotonic_ns()
+    phase.start_ns, phase.end_ns = start_ns, end_ns
+    phase.duration_s = round((end_ns - start_ns) / 1e9, 6)
+    stats_after = stats()
+    if stats_before is not None and stats_after is not None:
+        phase.kvm_stats = kvmstats.diff(stats_before, stats_after)
+    return phase

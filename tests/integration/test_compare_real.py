@@ -1,0 +1,105 @@
+"""`harness compare` end to end on two real runs of a short suite in the real TCG guest.
+
+The runs are real (libvirtd, QEMU, SSH, bpftrace); the "regressed" and
+"other image" candidates are copies made by this test from those runs, each
+labelled synthetic in its notes, since this machine has only one kernel.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.results import RunResult, load, write_atomic
+
+pytestmark = pytest.mark.integration
+
+SUITE = Path(__file__).parent / "suites" / "compare-short.toml"
+SCALED_METRIC = "retouch_mib_per_s"  # page-touch throughput: ~5% noise under TCG (stress-ng: ~30%)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    out = tmp_path_factory.mktemp("compare-runs")
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "run", str(SUITE), "--results-dir", str(out),
+             "--quiet"],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = sorted(out.glob("*.json"))
+    assert len(paths) == 2
+    return paths
+
+
+def harness_compare(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", "compare", *map(str, args)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def synthetic_copy(src: Path, dest_dir: Path, note: str, change: object) -> Path:
+    r: RunResult = load(src)
+    r.run_id += "-synthetic"
+    r.notes.append(f"synthetic, made by {Path(__file__).name}: {note}")
+    change(r)  # type: ignore[operator]
+    dest = dest_dir / f"{r.run_id}.json"
+    write_atomic(r, dest)
+    return dest
+
+
+def side(paths: list[Path]) -> str:
+    return ",".join(map(str, paths))
+
+
+def test_a_run_set_against_itself_is_no_change(two_runs: list[Path]) -> None:
+    proc = harness_compare(side(two_runs), side(two_runs), "--format", "md")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no regression; 0 improvements" in proc.stdout
+    assert "nothing in the recorded provenance" in proc.stdout
+
+
+def test_two_runs_on_one_host_have_nothing_changed(two_runs: list[Path]) -> None:
+    proc = harness_compare(two_runs[0], two_runs[1])
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # fair, whatever the noise
+    assert "nothing in the recorded provenance" in proc.stdout
+
+
+def test_throughput_down_20_percent_is_a_named_regression(
+    two_runs: list[Path], tmp_path: Path
+) -> None:
+    def slower(r: RunResult) -> None:
+        for run in r.runs:
+            for phase in run.phases:
+                if SCALED_METRIC in phase.metrics:
+                    phase.metrics[SCALED_METRIC] *= 0.8
+
+    cand = [synthetic_copy(p, tmp_path, f"metric {SCALED_METRIC} x 0.8", slower)
+            for p in two_runs]
+    proc = harness_compare(side(two_runs), side(cand), "--format", "md")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    regressions = proc.stdout.split("#### Regressions")[1].split("####")[0]
+    assert f"metric.{SCALED_METRIC}" in regressions
+    assert "-20.0%" in regressions
+    # Only that metric: the rest of the copy is identical.
+    assert regressions.count("| page-touch") == 1
+
+
+def test_another_guest_image_is_refused(two_runs: list[Path], tmp_path: Path) -> None:
+    def other_image(r: RunResult) -> None:
+        for vm in r.vms:
+            vm.image_digest = "0" * 64
+            vm.image_recipe = None
+
+    cand = [synthetic_copy(two_runs[1], tmp_path, "guest image digest replaced", other_image)]
+    proc = harness_compare(two_runs[0], cand[0])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "UNFAIR" in proc.stdout and "vm linux: image" in proc.stdout
+    assert "guest image differs" in proc.stdout
+    allowed = harness_compare(two_runs[0], cand[0], "--allow-mismatch")
+    assert allowed.returncode in (0, 1)
