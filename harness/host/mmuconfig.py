@@ -374,6 +374,9 @@ class HostConfigRecord(BaseModel):
     commands: list[str] = Field(description="the commands run to apply it, in order")
     restored: bool = Field(default=False, description="original values put back afterwards")
     restore_errors: list[str] = Field(default_factory=list)
+    guest_hugepages_kib: int | None = Field(
+        default=None, description="guest memory backed by hugetlbfs pages of this size (KiB)"
+    )
 
 
 Runner = Callable[[Sequence[str]], None]
@@ -441,7 +444,12 @@ class HostConfigurator:
         except BaseException:
             self.restore()
             raise
-        return HostConfigRecord(name=fresh.name, settings=records, commands=commands)
+        return HostConfigRecord(
+            name=fresh.name,
+            settings=records,
+            commands=commands,
+            guest_hugepages_kib=fresh.guest_hugepages_kib,
+        )
 
     def restore(self) -> list[str]:
         """Put every changed setting back; return the errors (each step is tried regardless)."""

@@ -15,6 +15,7 @@ orchestrator plans boots through it and drives each boot through a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,14 @@ class RunContext:
     state: RunState
     conn: libvirt.virConnect
     facts: HostFacts
+
+
+def with_host_memory(cfg: DomainConfig, ctx: RunContext) -> DomainConfig:
+    """``cfg`` with guest memory on hugetlbfs pages when the applied host configuration
+    asks for it (``guest_hugepages``): part of the host MMU setup, the same for every VM."""
+    applied = ctx.state.result.host_config
+    kib = applied.guest_hugepages_kib if applied is not None else None
+    return cfg if kib is None else dataclasses.replace(cfg, hugepages_kib=kib)
 
 
 class Session(Protocol):

@@ -29,7 +29,13 @@ from harness.image.linux import (
     load_recipe,
     recipe_digest,
 )
-from harness.platform.base import BootPlan, ChooseAccelerator, RunContext, WorkItem
+from harness.platform.base import (
+    BootPlan,
+    ChooseAccelerator,
+    RunContext,
+    WorkItem,
+    with_host_memory,
+)
 from harness.results import PhaseResult, VmRecord, WorkloadRun
 from harness.runstate import RunState, Teardown
 from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec, WorkloadSpec
@@ -184,7 +190,7 @@ class LinuxSession:
             balloon=vm.balloon,
         )
         state.reporter.step(f"vm {vm.name}: starting {record.domain}")
-        running = lifecycle.start(self.ctx.conn, cfg)
+        running = lifecycle.start(self.ctx.conn, with_host_memory(cfg, self.ctx))
         # The run directory is deleted at the end; the console log is evidence.
         teardown.callback(_copy_if_exists, console, kept)
         teardown.callback(lifecycle.destroy, running)

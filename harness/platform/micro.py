@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.image.micro import MicroPhase, build_micro_image, recipe_digest
-from harness.platform.base import BootPlan, ChooseAccelerator, RunContext, WorkItem
+from harness.platform.base import (
+    BootPlan,
+    ChooseAccelerator,
+    RunContext,
+    WorkItem,
+    with_host_memory,
+)
 from harness.results import PhaseResult, VmRecord, WorkloadRun
 from harness.runstate import Teardown
 from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec
@@ -134,7 +140,7 @@ class MicroSession:
             rom=rom.path,
             console_log=out_dir / "console.log",
         )
-        running = lifecycle.start(self.ctx.conn, cfg, paused=True)
+        running = lifecycle.start(self.ctx.conn, with_host_memory(cfg, self.ctx), paused=True)
         teardown.callback(lifecycle.destroy, running)
         record.qemu_pid = running.pid
         self._running = running

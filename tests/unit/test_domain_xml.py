@@ -129,3 +129,26 @@ def test_hugetlbfs_backed_memory(tmp_path: Path, kib: int) -> None:
     if shutil.which("virt-xml-validate") and shutil.which("xmllint"):
         proc = validate(tmp_path, xml)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_applied_host_config_backs_every_guest_with_its_huge_pages(tmp_path: Path) -> None:
+    """A host configuration with guest_hugepages reaches the domain XML of each platform."""
+    from harness.host.mmuconfig import HostConfigRecord
+    from harness.platform.base import RunContext, with_host_memory
+    from harness.progress import QuietReporter
+    from harness.runstate import RunState
+    from harness.vm import configs
+    from tests.unit.test_results import host, result
+
+    state = RunState(result(), tmp_path / "r.json", tmp_path / "run", QuietReporter(), True, [])
+    ctx = RunContext(state, None, host())  # type: ignore[arg-type]  # no libvirt needed here
+    cfg = configs.micro_config(
+        name="kvmh-x", memory_mib=16, rom=tmp_path / "r.rom", console_log=tmp_path / "c.log"
+    )
+    assert with_host_memory(cfg, ctx) is cfg  # no host configuration: untouched
+    state.result.host_config = HostConfigRecord(
+        name="huge", settings=[], commands=[], guest_hugepages_kib=2048
+    )
+    xml = domain_xml(with_host_memory(cfg, ctx))
+    assert "<memoryBacking><hugepages><page size=\"2048\" unit=\"KiB\" />" in xml.replace(
+        "\n", "").replace("  ", "")
