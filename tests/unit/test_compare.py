@@ -296,3 +296,20 @@ def test_another_probe_selection_is_unfair(tmp_path: Path) -> None:
     report = compare(load_side("base", base), load_side("candidate", cand))
     assert report.exit_status == 2
     assert "vm vm1: probe selection" in {c.field for c in report.unfair}
+
+
+def test_a_thp_change_is_unfair_unless_the_host_configurations_set_it(tmp_path: Path) -> None:
+    from harness.host.mmuconfig import HostConfigRecord
+
+    base = run_result("b", [1000.0] * 3)
+    cand = run_result("c", [1000.0] * 3)
+    base.host.thp_enabled, cand.host.thp_enabled = "never", "always"
+    report = compare(load_side("b", save(tmp_path, base)), load_side("c", save(tmp_path, cand)))
+    assert report.exit_status == 2 and report.unfair[0].field == "host.thp_enabled"
+    # The MMU matrix: each side ran under its own [[host_configs]] entry.
+    base.host_config = HostConfigRecord(name="thp-never", settings=[], commands=[])
+    cand.host_config = HostConfigRecord(name="thp-always", settings=[], commands=[])
+    report = compare(load_side("b", save(tmp_path, base)), load_side("c", save(tmp_path, cand)))
+    assert report.exit_status == 0 and not report.unfair
+    changed = {c.field for c in report.what_changed}
+    assert {"host config", "host.thp_enabled"} <= changed
