@@ -114,6 +114,12 @@ def _sections(r: ComparisonReport) -> list[tuple[str, list[FigureResult]]]:
             "Slower per event, offset by fewer events (not failing)",
             [f for f in r.by_verdict("regression") if f.offset_by is not None],
         ),
+        (
+            f"Changed by at least {r.settings.threshold * 100:g}%, but too few repetitions "
+            "to test (no verdict; run more)",
+            [f for f in r.by_verdict("not enough data")
+             if f.only_in is None and (f.change is None or abs(f.change) >= r.settings.threshold)],
+        ),
     ]
 
 

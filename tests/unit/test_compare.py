@@ -189,6 +189,9 @@ def test_one_repetition_per_side_is_not_enough(tmp_path: Path) -> None:
     fig = next(f for f in report.figures if f.figure == "metric.mib_per_s")
     assert fig.verdict == "not enough data" and fig.change == pytest.approx(-0.5)
     assert report.exit_status == 0
+    # Still shown, untested: a single quick A/B run should not hide a halved throughput.
+    untested = render.markdown(report).split("too few repetitions")[1]
+    assert "metric.mib_per_s" in untested and "-50.0%" in untested
 
 
 def test_other_guest_image_is_unfair(tmp_path: Path) -> None:
