@@ -23,14 +23,12 @@ regions from physical 0x10000, so the sum of all pages is limited to 128.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.image import rom as rom_files
+from harness.image.rom import run_nasm
 from harness.paths import VM_IMAGES_DIR
 
 #: The guest program's source.
@@ -43,7 +41,6 @@ MARKER_LEAF = 0x4B564D00
 MAX_PHASES = 16
 MAX_PAGES = 128  # 0x10000 + 128 * 4 KiB = 0x90000, below the EBDA
 MAX_REPEAT = 0xFFFF  # a 16-bit pass counter
-MAX_TOKEN = 0xFFFF
 
 #: Physical address of the first touched byte and the page size used.
 REGION_BASE = 0x10000
@@ -110,22 +107,11 @@ def expected_loop_insns(phase: MicroPhase) -> int:
 
 def validate_micro_params(phases: Sequence[MicroPhase], token: int) -> None:
     """Raise :class:`MicroImageError` naming the bad field and the fix."""
-    if isinstance(token, bool) or not isinstance(token, int) or not 1 <= token <= MAX_TOKEN:
-        raise MicroImageError(f"token: {token!r} is not an integer in 1..{MAX_TOKEN}")
-    if not 1 <= len(phases) <= MAX_PHASES:
-        raise MicroImageError(
-            f"phases: {len(phases)} given; the micro guest runs 1..{MAX_PHASES} phases"
-        )
-    seen: set[str] = set()
+    rom_files.check_token(token, MicroImageError)
+    rom_files.check_phases(phases, MicroPhase, guest="micro", max_phases=MAX_PHASES,
+                     error=MicroImageError)
     for i, ph in enumerate(phases):
         where = f"phases[{i}]"
-        if not isinstance(ph, MicroPhase):
-            raise MicroImageError(f"{where}: expected MicroPhase, got {type(ph).__name__}")
-        if not isinstance(ph.name, str) or not ph.name.strip():
-            raise MicroImageError(f"{where}.name: must be a non-empty string")
-        if ph.name in seen:
-            raise MicroImageError(f"{where}.name: {ph.name!r} is used twice; names must be unique")
-        seen.add(ph.name)
         for field, value, hi in (("pages", ph.pages, MAX_PAGES), ("repeat", ph.repeat, MAX_REPEAT)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
                 raise MicroImageError(
@@ -138,15 +124,6 @@ def validate_micro_params(phases: Sequence[MicroPhase], token: int) -> None:
             f"{REGION_BASE:#x} and at most {MAX_PAGES} pages fit below 0x90000. "
             "Lower `pages` and raise `repeat` to keep the phase long"
         )
-
-
-def _nasm() -> str:
-    nasm = shutil.which("nasm")
-    if nasm is None:
-        raise MicroImageError(
-            "nasm not found on PATH; the micro guest is assembled with it: apt-get install nasm"
-        )
-    return nasm
 
 
 def nasm_defines(phases: Sequence[MicroPhase], token: int) -> list[str]:
@@ -178,16 +155,8 @@ def assemble(phases: Sequence[MicroPhase], token: int) -> tuple[bytes, bytes]:
     starts with those same 512 bytes.
     """
     validate_micro_params(phases, token)
-    with tempfile.TemporaryDirectory(prefix="micro-nasm-") as tmp:
-        out = Path(tmp) / "micro.rom"
-        cmd = [_nasm(), "-f", "bin", "-DBIOS_ROM", "-o", str(out),
-               *nasm_defines(phases, token), str(MICRO_SOURCE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise MicroImageError(
-                f"{MICRO_SOURCE}: nasm failed (exit {proc.returncode}): {proc.stderr.strip()}"
-            )
-        rom = out.read_bytes()
+    rom = run_nasm(MICRO_SOURCE, ["-DBIOS_ROM", *nasm_defines(phases, token)],
+                   guest="micro", error=MicroImageError)
     if len(rom) != ROM_SIZE:
         raise MicroImageError(
             f"{MICRO_SOURCE}: assembled to {len(rom)} bytes, expected a {ROM_SIZE}-byte ROM "
@@ -200,19 +169,6 @@ def assemble(phases: Sequence[MicroPhase], token: int) -> tuple[bytes, bytes]:
             "boot signature (sector larger than 510 bytes of code?); the BIOS would not boot it"
         )
     return sector, rom
-
-
-def _write_readable(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically, mode 0644 (libvirt's QEMU runs as libvirt-qemu)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".micro-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def build_micro_image(out_dir: Path, phases: Sequence[MicroPhase], token: int) -> MicroImage:
@@ -230,11 +186,10 @@ def build_micro_image(out_dir: Path, phases: Sequence[MicroPhase], token: int) -
     digest = hashlib.sha256(image).hexdigest()
     rom_digest = hashlib.sha256(rom).hexdigest()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.chmod(out_dir.stat().st_mode | 0o755)
+    rom_files.readable_dir(out_dir)
     path = out_dir / f"micro-t{token}-{digest[:12]}.img"
     rom_path = out_dir / f"micro-t{token}-{digest[:12]}.rom"
-    _write_readable(path, image)
-    _write_readable(rom_path, rom)
+    rom_files.write_readable(path, image)
+    rom_files.write_readable(rom_path, rom)
     return MicroImage(path=path, token=token, phases=phases_t, digest=digest,
                       rom_path=rom_path, rom_digest=rom_digest)

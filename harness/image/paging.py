@@ -23,15 +23,12 @@ tests check it event for event.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from harness.image import rom as rom_files
 from harness.paths import VM_IMAGES_DIR
 
 #: The guest program's source.
@@ -42,7 +39,6 @@ PhaseKind = Literal["cr3", "touch", "pte"]
 KIND_CODES: Final[dict[str, int]] = {"cr3": 1, "touch": 2, "pte": 3}
 
 MAX_PHASES: Final = 16
-MAX_TOKEN: Final = 0xFFFF
 #: K is capped so that all shadow pages of a run (K roots + the handful of boot
 #: roots) stay well below KVM's default shadow-page budget for a 16 MiB guest
 #: (n_max_mmu_pages = max(64, 2% of guest pages) = 81; KVM zaps unused pages
@@ -113,26 +109,15 @@ def validate_paging_params(
     def bad_int(v: object, lo: int, hi: int) -> bool:
         return isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi
 
-    if bad_int(token, 1, MAX_TOKEN):
-        raise PagingImageError(f"token: {token!r} is not an integer in 1..{MAX_TOKEN}")
+    rom_files.check_token(token, PagingImageError)
     if bad_int(address_spaces, 1, MAX_ADDRESS_SPACES):
         raise PagingImageError(
             f"address_spaces: {address_spaces!r} is not an integer in 1..{MAX_ADDRESS_SPACES}"
         )
-    if not 1 <= len(phases) <= MAX_PHASES:
-        raise PagingImageError(
-            f"phases: {len(phases)} given; the paging guest runs 1..{MAX_PHASES} phases"
-        )
-    seen: set[str] = set()
+    rom_files.check_phases(phases, PagingPhase, guest="paging", max_phases=MAX_PHASES,
+                           error=PagingImageError)
     for i, ph in enumerate(phases):
         where = f"phases[{i}]"
-        if not isinstance(ph, PagingPhase):
-            raise PagingImageError(f"{where}: expected PagingPhase, got {type(ph).__name__}")
-        if not isinstance(ph.name, str) or not ph.name.strip():
-            raise PagingImageError(f"{where}.name: must be a non-empty string")
-        if ph.name in seen:
-            raise PagingImageError(f"{where}.name: {ph.name!r} is used twice; names must be unique")
-        seen.add(ph.name)
         if ph.kind not in KIND_CODES:
             raise PagingImageError(
                 f"{where}.kind ({ph.name!r}): {ph.kind!r}; use one of {', '.join(KIND_CODES)}"
@@ -170,28 +155,11 @@ def recipe_digest(
     return h.hexdigest()
 
 
-def _nasm() -> str:
-    nasm = shutil.which("nasm")
-    if nasm is None:
-        raise PagingImageError(
-            "nasm not found on PATH; the paging guest is assembled with it: apt-get install nasm"
-        )
-    return nasm
-
-
 def assemble(address_spaces: int, phases: Sequence[PagingPhase], token: int) -> bytes:
     """Assemble paging.asm with the given parameters; return the checked 64 KiB ROM."""
     validate_paging_params(address_spaces, phases, token)
-    with tempfile.TemporaryDirectory(prefix="paging-nasm-") as tmp:
-        out = Path(tmp) / "paging.rom"
-        cmd = [_nasm(), "-f", "bin", "-o", str(out),
-               *nasm_defines(address_spaces, phases, token), str(PAGING_SOURCE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise PagingImageError(
-                f"{PAGING_SOURCE}: nasm failed (exit {proc.returncode}): {proc.stderr.strip()}"
-            )
-        rom = out.read_bytes()
+    rom = rom_files.run_nasm(PAGING_SOURCE, nasm_defines(address_spaces, phases, token),
+                             guest="paging", error=PagingImageError)
     if len(rom) != ROM_SIZE:
         raise PagingImageError(
             f"{PAGING_SOURCE}: assembled to {len(rom)} bytes, expected a {ROM_SIZE}-byte ROM "
@@ -214,18 +182,9 @@ def build_paging_image(
     phases_t = tuple(phases)
     rom = assemble(address_spaces, phases_t, token)
     digest = hashlib.sha256(rom).hexdigest()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.chmod(out_dir.stat().st_mode | 0o755)
+    rom_files.readable_dir(out_dir)
     path = out_dir / f"paging-t{token}-{digest[:12]}.rom"
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".paging-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(rom)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    rom_files.write_readable(path, rom)
     return PagingImage(rom_path=path, token=token, address_spaces=address_spaces,
                        phases=phases_t, digest=digest)
 
