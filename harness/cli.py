@@ -25,11 +25,17 @@ SET_OPTION = click.option(
 )
 
 
+class BadInput(click.ClickException):
+    """A suite, workload or result file the harness cannot use: exit status 2, like compare's."""
+
+    exit_code = 2
+
+
 def _load(suite: Path | None, overrides: tuple[str, ...] = ()) -> Suite:
     try:
         return load_suite(suite or default_suite_path(), overrides)
     except SpecError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +68,14 @@ def main() -> None:
     "overrides the suite's [trace] stacks.",
 )
 @click.option(
+    "--tracer",
+    "backend",
+    type=click.Choice(["auto", "bpftrace", "libbpf"]),
+    default=None,
+    help="Tracer backend (overrides the suite's [trace] backend; default auto: libbpf where "
+    "it builds and loads, bpftrace otherwise).",
+)
+@click.option(
     "--allow-host-changes",
     is_flag=True,
     help="Apply the suite's [[host_configs]] one after another (see `harness host plan`); "
@@ -75,6 +89,7 @@ def run(
     as_json: bool,
     quiet: bool,
     stacks: str | None,
+    backend: str | None,
     allow_host_changes: bool,
     overrides: tuple[str, ...],
 ) -> None:
@@ -100,7 +115,7 @@ def run(
                 "--allow-host-changes"
             )
         _run_host_configs(loaded, results_dir, reporter, no_trace, quiet or as_json,
-                          stack_probes)
+                          stack_probes, backend)
         return
     try:
         state = run_suite(
@@ -110,6 +125,7 @@ def run(
             trace=False if no_trace else None,
             command_line=sys.argv,
             stacks=stack_probes,
+            backend=backend,
         )
     except RunInterrupted as exc:
         click.echo(
@@ -142,6 +158,7 @@ def _run_host_configs(
     no_trace: bool,
     quiet: bool,
     stacks: list[str] | None,
+    backend: str | None = None,
 ) -> None:
     """The suite once per host configuration: apply, run, restore; one result file each."""
     from harness.host.mmuconfig import HostConfigError, HostConfigurator, plan, restore_from_file
@@ -164,7 +181,7 @@ def _run_host_configs(
             with conf.applied(planned) as record:
                 state = run_suite(loaded, results_dir=results_dir, reporter=reporter,
                                   trace=False if no_trace else None, command_line=sys.argv,
-                                  stacks=stacks, host_config=record)
+                                  stacks=stacks, host_config=record, backend=backend)
             state.result.host_config = record  # now with restored / restore_errors
             write_atomic(state.result, state.path)
             click.echo(f"result ({cfg.name}): {state.path}", err=not quiet)
@@ -207,8 +224,15 @@ def image() -> None:
 def image_build(name: str, force: bool) -> None:
     """Build the NAME image (cached, keyed by a digest of its recipe)."""
     from harness.image.linux import build_linux_image
+    from harness.run import RunInterrupted, signals_raise
 
-    img = build_linux_image(force=force, progress=lambda s: click.echo(s, err=True))
+    try:
+        # SIGTERM too unwinds the build: its staging directory and commands go with it.
+        with signals_raise():
+            img = build_linux_image(force=force, progress=lambda s: click.echo(s, err=True))
+    except RunInterrupted as exc:
+        click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
+        sys.exit(128 + exc.signum)
     click.echo(f"{img.name} {img.digest[:12]} {img.directory}")
 
 
@@ -327,6 +351,15 @@ def _first_problem(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         return str(errors()[0].get("msg", exc)).removeprefix("Value error, ")
+    return str(exc)
+
+
+def _field_problem(exc: ValueError) -> str:
+    """``field.path: message`` of a pydantic error's first problem."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(x) for x in first.get('loc', ()))}: {first.get('msg', '')}"
     return str(exc)
 
 
@@ -513,6 +546,10 @@ def stacks(
         loaded = load_result(result)
     except ResultError as exc:
         click.echo(f"harness stacks: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:  # pydantic: valid JSON of a known version, wrong shape
+        click.echo(f"harness stacks: {result}: not a valid result file: {_field_problem(exc)}",
+                   err=True)
         sys.exit(2)
     items = callpaths.collect(loaded, phase=phase, probe=probe, vm=vm_name)
     if not items:

@@ -42,11 +42,15 @@ class RunState:
     stack_probes: list[str] = field(default_factory=list)
     stack_depth: int = DEFAULT_STACK_DEPTH
     stack_offsets: bool = False
+    #: The tracer backend asked for: auto, bpftrace or libbpf (harness.trace.backend).
+    trace_backend: str = "auto"
     #: Held while the result is changed or written; re-entrant so save() nests.
     lock: threading.RLock = field(default_factory=threading.RLock)
     #: Set when the run is torn down (a signal, or a round that cannot go on):
     #: VM threads stop at their next step, SSH waits end early.
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: Why the last write of the result file failed (a full disk); None once one succeeds.
+    save_error: str | None = None
     _phase_no: dict[str, int] = field(default_factory=dict)
     _tokens: set[int] = field(default_factory=set)
     _closed: bool = False
@@ -55,13 +59,23 @@ class RunState:
         """Rewrite the result file atomically (a no-op once the run is closed)."""
         with self.lock:
             if not self._closed:
-                write_atomic(self.result, self.path)
+                self._write()
 
     def close(self) -> None:
         """Write the file a last time; later saves from straggling VM threads are ignored."""
         with self.lock:
+            try:
+                self._write()
+            finally:
+                self._closed = True
+
+    def _write(self) -> None:
+        try:
             write_atomic(self.result, self.path)
-            self._closed = True
+        except OSError as exc:
+            self.save_error = str(exc)
+            raise
+        self.save_error = None
 
     def next_phase(self, vm_boot: str) -> int:
         """Phase numbers are unique per boot: they key the tracer's maps."""

@@ -372,6 +372,9 @@ class TraceSpec(_Strict):
     stack_depth: int = Field(default=DEFAULT_STACK_DEPTH, ge=1, le=MAX_STACK_DEPTH)
     #: Keep ``function+offset`` frames (call sites apart) instead of function names.
     stack_offsets: bool = False
+    #: The tracer: "libbpf" (the kvmtrace loader, cheapest per event), "bpftrace", or
+    #: "auto" (libbpf where it builds and loads, bpftrace otherwise; the result says why).
+    backend: Literal["auto", "bpftrace", "libbpf"] = "auto"
 
     @model_validator(mode="after")
     def _known_probes(self) -> TraceSpec:

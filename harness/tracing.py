@@ -16,6 +16,8 @@ import libvirt
 from harness.results import CrossCheck, PhaseResult, VmRecord
 from harness.runstate import RunState, Teardown
 from harness.trace import correlate, crosscheck, kvmstats, probes
+from harness.trace.backend import BpftraceBackend, Choice, choose
+from harness.trace.libbpf import LibbpfUnavailable
 from harness.trace.model import TraceSummary
 from harness.trace.parse import TraceSnapshot
 from harness.trace.program import TraceTarget
@@ -58,25 +60,51 @@ def start_tracer(
     # The tracer checks availability itself and records what it could not attach.
     # The MMU mode lets availability note probes that attach but never fire (kvm_exit on PVM).
     view = probes.HostView.probe(mmu_mode=state.result.host.mmu_mode)
-    tracer = Tracer(
-        selected,
-        [t for t, _ in traced],
-        workdir=state.run_dir / f"trace-{label}",
-        view=view,
-        stacks=[p.name for p in probes.select_stacks(state.stack_probes, selected)],
-        stack_depth=state.stack_depth,
-    )
+
+    def make(choice: Choice) -> Tracer:
+        return Tracer(
+            selected,
+            [t for t, _ in traced],
+            workdir=state.run_dir / f"trace-{label}",
+            view=view,
+            stacks=[p.name for p in probes.select_stacks(state.stack_probes, selected)],
+            stack_depth=state.stack_depth,
+            backend=choice.backend,
+            backend_reason=choice.reason,
+        )
+
+    def not_started(exc: Exception, backend: str) -> None:
+        with state.lock:
+            for r in records:
+                r.trace = TraceSummary(tracer_status="not-started", tracer_error=str(exc),
+                                       backend=backend)
+            names = ", ".join(r.name for r in records)
+            state.result.errors.append(f"tracer ({backend}) did not start for {names}: {exc}")
+            state.save()
+
+    try:
+        choice = choose(state.trace_backend)
+    except LibbpfUnavailable as exc:
+        not_started(exc, "libbpf")
+        return None
+    tracer = make(choice)
     teardown.enter(tracer)
     try:
         tracer.start()
     except TracerError as exc:
-        with state.lock:
-            for r in records:
-                r.trace = TraceSummary(tracer_status="not-started", tracer_error=str(exc))
-            names = ", ".join(r.name for r in records)
-            state.result.errors.append(f"tracer did not start for {names}: {exc}")
-            state.save()
-        return None
+        if not (state.trace_backend == "auto" and choice.backend.name == "libbpf"):
+            not_started(exc, choice.backend.name)
+            return None
+        # auto: a libbpf program this kernel will not load is a reason to use bpftrace.
+        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no message"
+        tracer = make(Choice(BpftraceBackend(),
+                             f"auto: the libbpf backend did not start ({why}); bpftrace"))
+        teardown.enter(tracer)
+        try:
+            tracer.start()
+        except TracerError as exc2:
+            not_started(exc2, "bpftrace")
+            return None
     with state.lock:
         for t, r in traced:
             r.trace = tracer.summary(pid=t.pid)
@@ -84,7 +112,8 @@ def start_tracer(
     summary = records[0].trace
     assert summary is not None
     state.reporter.step(
-        f"tracer attached to {len(records)} VM(s): {len(summary.probes_attached)} probes, "
+        f"tracer ({tracer.backend.name}) attached to {len(records)} VM(s): "
+        f"{len(summary.probes_attached)} probes, "
         f"{len(summary.probes_not_attached)} unavailable"
     )
     return tracer

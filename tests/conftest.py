@@ -33,8 +33,8 @@ def harness_domains() -> list[str]:
 
 
 def stray_tracers() -> list[str]:
-    """bpftrace processes still running."""
+    """Tracer processes (bpftrace, the libbpf backend's kvmtrace loader) still running."""
     out = subprocess.run(
-        ["pgrep", "-a", "-x", "bpftrace"], capture_output=True, text=True, check=False
+        ["pgrep", "-a", "-x", "bpftrace|kvmtrace"], capture_output=True, text=True, check=False
     ).stdout
     return [line for line in out.splitlines() if line.strip()]

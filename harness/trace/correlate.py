@@ -181,7 +181,8 @@ def phase_traces(
             return getpage[p].get(1, 0), getpage[p].get(0, 0)
         return None, None  # events, but a program without the split
 
-    stk = phase_stacks(snapshot, pid, slot, _probe_name, offsets=stack_offsets)
+    stk = phase_stacks(snapshot, pid, slot, _probe_name, offsets=stack_offsets,
+                       depth=stack_depth)
     out: dict[int, PhaseTrace] = {}
     for p in all_phases:
         ev = by_probe[p]

@@ -146,3 +146,9 @@ class TraceSummary(BaseModel):
         description="sha256 of the program generated for the same probes and number of "
         "targets with placeholder pids, tokens and session: equal means the same tracer program",
     )
+    backend: str | None = Field(
+        default=None, description="the tracer that ran: bpftrace or libbpf (the kvmtrace loader)"
+    )
+    backend_reason: str | None = Field(
+        default=None, description="why that backend ran (auto's choice, or a fallback and why)"
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 Key = tuple[int, ...]
 CounterMap = dict[Key, int]
@@ -91,16 +92,34 @@ class StackMapOutput:
 Output = Attached | MapOutput | HistOutput | StackMapOutput | LostEvents | OtherOutput
 
 
+#: Innermost frames that belong to the tracer, not to the traced path: the
+#: tracepoint's iterator (bpftrace) and the BPF program and its raw-tracepoint
+#: or trampoline caller (libbpf). Dropped so both backends give the same paths.
+TRACER_FRAME_PREFIXES: Final = (
+    "__traceiter_", "bpf_prog_", "bpf_trace_run", "__bpf_trace_", "bpf_trampoline_",
+)
+
+
+def strip_tracer_frames(frames: tuple[str, ...], depth: int | None = None) -> tuple[str, ...]:
+    """``frames`` (innermost first) without the tracer's own leading frames, cut to ``depth``."""
+    i = 0
+    while i < len(frames) and frames[i].startswith(TRACER_FRAME_PREFIXES):
+        i += 1
+    out = frames[i:]
+    return out if depth is None else out[:depth]
+
+
 def parse_stack_key(text: str, map_name: str = "?") -> tuple[Key, tuple[str, ...]]:
     """``"1,2,\\n    f+1\\n    g+2\\n"`` -> ``((1, 2), ("f+1", "g+2"))``: ints, then frames.
 
     bpftrace prints a kstack key element as newline-separated, indented frames
-    (innermost first); an empty stack prints nothing after the last comma.
+    (innermost first); an empty stack prints nothing after the last comma. The
+    tracer's own innermost frames are dropped (:func:`strip_tracer_frames`).
     """
     head, _, frames = text.partition("\n")
     ints = head.rstrip().rstrip(",")
     key = parse_key(ints, map_name) if ints else ()
-    return key, tuple(f.strip() for f in frames.splitlines() if f.strip())
+    return key, strip_tracer_frames(tuple(f.strip() for f in frames.splitlines() if f.strip()))
 
 
 def parse_key(text: str, map_name: str = "?") -> Key:

@@ -60,6 +60,15 @@ assert HOST_DUMP_WHICH == HOST_MARKER_WHICH | 1
 DEFAULT_STACK_DEPTH: Final = 32
 #: bpftrace's limit for kstack(N) (BPF's PERF_MAX_STACK_DEPTH).
 MAX_STACK_DEPTH: Final = 127
+#: Extra frames collected beyond ``stack_depth``: the tracer's own innermost frames
+#: (``__traceiter_*``; the libbpf backend's ``bpf_prog_*``, ``bpf_trace_run*``) are
+#: dropped when parsing and the rest cut to ``stack_depth`` (parse.strip_tracer_frames).
+STACK_SLACK: Final = 4
+
+
+def collected_depth(stack_depth: int) -> int:
+    """Frames a tracer collects for ``stack_depth`` kept frames."""
+    return min(stack_depth + STACK_SLACK, MAX_STACK_DEPTH)
 
 #: printf of the BEGIN block, followed by the session number.
 READY_MESSAGE: Final = "harness-tracer-ready"
@@ -120,6 +129,12 @@ class TraceProgram:
     maps: tuple[str, ...]
     stacks: frozenset[str] = frozenset()
     stack_depth: int = DEFAULT_STACK_DEPTH
+    #: Which tracer runs it: "bpftrace" (text is a bpftrace program) or "libbpf"
+    #: (text is the kvmtrace loader's configuration, harness.trace.libbpf).
+    backend: str = "bpftrace"
+    #: The same program for the same probes and number of targets with canonical
+    #: placeholders (VM ``vmN``, pid N, token N, session 1).
+    template: str = ""
 
     @property
     def sha256(self) -> str:
@@ -130,17 +145,11 @@ class TraceProgram:
     def template_sha256(self) -> str:
         """Digest of the program for the same probes and number of targets, not their identity.
 
-        The text is regenerated with canonical placeholders (VM ``vmN``, pid N,
-        token N, session 1), so two runs with the same probe set and the same
-        number of targets get the same value even though their pids, tokens
-        and sessions differ: it says whether two runs used the same tracer program.
+        Two runs with the same backend, probe set and number of targets get
+        the same value even though their pids, tokens and sessions differ: it
+        says whether two runs used the same tracer program.
         """
-        canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(self.targets) + 1))
-        names = {s.probe.name for s in self.attached}
-        text = _Gen(
-            canonical, self.attached, names, self.latencies, 1, self.stacks, self.stack_depth
-        ).render()
-        return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(self.template.encode()).hexdigest()
 
     @property
     def probe_names(self) -> dict[int, str]:
@@ -155,7 +164,13 @@ class TraceProgram:
         raise KeyError(f"pid {pid} is not a target of this program")
 
 
-def _validate_targets(targets: Sequence[TraceTarget]) -> None:
+def new_session() -> int:
+    """A random dump session (1..65535): another harness on the host cannot trigger our dumps."""
+    return secrets.randbelow(0xFFFF) + 1
+
+
+def validate_targets(targets: Sequence[TraceTarget]) -> None:
+    """ProgramError unless every target has a positive pid and a token in 1..65535, all distinct."""
     if not targets:
         raise ProgramError("targets: at least one TraceTarget (QEMU pid + token) is needed")
     pids: set[int] = set()
@@ -190,9 +205,9 @@ def generate(
     ``stacks`` names probes whose kernel stacks (``stack_depth`` frames) are
     counted too, per VM, phase and probe: one more map update per such event.
     """
-    _validate_targets(targets)
+    validate_targets(targets)
     if session is None:
-        session = secrets.randbelow(0xFFFF) + 1
+        session = new_session()
     if not 1 <= session <= 0xFFFF:
         raise ProgramError(f"session: {session} is not in 1..65535")
     attached = tuple(s for s in statuses if s.available and s.attach)
@@ -211,6 +226,8 @@ def generate(
     stacked = frozenset(n for n in stacks if n in names)
     gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth)
     text = gen.render()
+    canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(targets) + 1))
+    template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth).render()
     return TraceProgram(
         text=text,
         targets=tuple(targets),
@@ -221,6 +238,7 @@ def generate(
         maps=gen.maps_used(),
         stacks=stacked,
         stack_depth=stack_depth,
+        template=template,
     )
 
 
@@ -350,7 +368,8 @@ class _Gen:
             "$h = @hphase[pid];",
             f"@evt[pid, tid, $g, $h, {ident}] = count();",
             *(
-                [f"@stk[pid, $g, $h, {ident}, kstack({self.stack_depth})] = count();"]
+                [f"@stk[pid, $g, $h, {ident}, kstack({collected_depth(self.stack_depth)})]"
+                 " = count();"]
                 if name in self.stacks
                 else []
             ),

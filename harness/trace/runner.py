@@ -1,10 +1,11 @@
-"""Run the generated bpftrace program beside the VMs under test.
+"""Run the tracer process (bpftrace, or the libbpf loader) beside the VMs under test.
 
-The :class:`Tracer` starts bpftrace in its own process group, returns from
-:meth:`Tracer.start` only after bpftrace reported its probes attached, places
-host markers, fetches cumulative maps on demand (:meth:`Tracer.snapshot`) and
-always ends bpftrace: on :meth:`Tracer.stop`, on ``__exit__``, at interpreter
-exit, and (when started from the main thread) when the harness itself dies.
+The :class:`Tracer` starts the backend's process in its own process group,
+returns from :meth:`Tracer.start` only after it reported its probes attached,
+places host markers, fetches cumulative maps on demand (:meth:`Tracer.snapshot`)
+and always ends the process: on :meth:`Tracer.stop`, on ``__exit__``, at
+interpreter exit, and (when started from the main thread) when the harness
+itself dies. Both backends print bpftrace's JSON lines (harness.trace.backend).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
+from harness.trace.backend import Backend, BpftraceBackend
 from harness.trace.model import ProbeNotAttached, TracerStatus, TraceSummary
 from harness.trace.parse import (
     Attached,
@@ -47,7 +49,6 @@ from harness.trace.program import (
     READY_MESSAGE,
     TraceProgram,
     TraceTarget,
-    generate,
     stderr_filter,
 )
 
@@ -63,7 +64,7 @@ _live: weakref.WeakSet[Tracer] = weakref.WeakSet()
 
 
 class TracerError(RuntimeError):
-    """bpftrace failed to start, died, or did not answer in time (message has its stderr)."""
+    """The tracer failed to start, died, or did not answer in time (message has its stderr)."""
 
 
 def _s32(v: int) -> int:
@@ -89,10 +90,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class Tracer:
-    """bpftrace tracing ``targets`` with ``probes``; use as a context manager.
+    """A tracer process tracing ``targets`` with ``probes``; use as a context manager.
 
-    ``probes`` are catalogue entries (availability is checked on this host) or
-    ready :class:`ProbeStatus` values (e.g. from a doctor run).
+    ``probes`` are catalogue entries (availability is checked on this host for
+    the backend) or ready :class:`ProbeStatus` values (e.g. from a doctor run).
+    ``backend`` defaults to bpftrace (``bpftrace`` is its executable).
     """
 
     def __init__(
@@ -106,16 +108,20 @@ class Tracer:
         session: int | None = None,
         stacks: Sequence[str] = (),
         stack_depth: int = DEFAULT_STACK_DEPTH,
+        backend: Backend | None = None,
+        backend_reason: str | None = None,
     ) -> None:
+        self.backend: Backend = backend if backend is not None else BpftraceBackend(bpftrace)
+        #: Why this backend runs (auto's choice, a fallback), recorded in summaries.
+        self.backend_reason = backend_reason
         statuses = [p for p in probes if isinstance(p, ProbeStatus)]
         plain = [p for p in probes if isinstance(p, Probe)]
         if plain:
-            statuses += availability(plain, view)
-        self.program: TraceProgram = generate(
+            statuses += self.backend.availability(plain, view)
+        self.program: TraceProgram = self.backend.generate(
             statuses, targets, session=session, stacks=stacks, stack_depth=stack_depth
         )
         self.workdir = workdir
-        self.bpftrace = bpftrace
         self.status: TracerStatus = "not-started"
         self.error: str | None = None
         self.attached_probes: int | None = None
@@ -134,17 +140,18 @@ class Tracer:
         self._last_done = 0
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self.program_path = workdir / "trace.bt"
+        self.program_path = workdir / self.backend.program_file
         self.output_path = workdir / "trace.jsonl"
 
     # --- lifecycle ---------------------------------------------------------------
 
     def start(self, timeout_s: float = 30) -> None:
-        """Write the program, start bpftrace, and wait until its probes are attached.
+        """Write the program, start the tracer, and wait until its probes are attached.
 
-        "Attached" means bpftrace's BEGIN probe ran (it runs after all other
-        probes are attached) and a dump request came back through the marker
-        probe; the ``attached_probes`` line alone is printed before attaching.
+        "Attached" means the ready line was printed (bpftrace's BEGIN probe runs
+        after all other probes are attached; the loader prints it after its
+        last attach) and a dump request came back through the marker probe;
+        bpftrace's ``attached_probes`` line alone is printed before attaching.
         """
         if self._proc is not None:
             raise TracerError("tracer already started")
@@ -153,7 +160,7 @@ class Tracer:
         env = dict(os.environ, BPFTRACE_MAP_KEYS_MAX=str(MAP_KEYS_MAX))
         main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
-            [self.bpftrace, "-f", "json", "-B", "none", str(self.program_path)],
+            self.backend.command(self.program_path),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -183,7 +190,9 @@ class Tracer:
             why = "exited" if self._eof else f"did not attach within {timeout_s:.0f} s"
             self.kill()
             self.status = "died" if why == "exited" else "not-started"
-            self.error = f"bpftrace {why} ({self._rc_text()}); stderr:\n{self.stderr_tail()}"
+            self.error = (
+                f"{self.backend.name} {why} ({self._rc_text()}); stderr:\n{self.stderr_tail()}"
+            )
             raise TracerError(self.error)
         self.status = "ok"
         # Round trip through the marker probe: proves maps and dumps work end to end.
@@ -195,7 +204,7 @@ class Tracer:
             raise
 
     def alive(self) -> bool:
-        """True while bpftrace runs."""
+        """True while the tracer process runs."""
         return self._proc is not None and self._proc.poll() is None
 
     def mark_phase(self, target: TraceTarget, phase: int) -> int:
@@ -344,6 +353,8 @@ class Tracer:
             tracer_error=self.error,
             program_sha256=self.program.sha256,
             program_template_sha256=self.program.template_sha256,
+            backend=self.program.backend,
+            backend_reason=self.backend_reason,
         )
 
     # --- internals ---------------------------------------------------------------
@@ -358,7 +369,7 @@ class Tracer:
         if self._proc is not None and self._proc.poll() is not None and not self._stopping:
             self.status = "died"
             self.error = (
-                f"bpftrace died during the run ({self._rc_text()}); stderr:\n"
+                f"{self.backend.name} died during the run ({self._rc_text()}); stderr:\n"
                 f"{self.stderr_tail() or '(empty)'}"
             )
 
@@ -367,7 +378,9 @@ class Tracer:
             raise TracerError("tracer was never started")
         if self._proc.poll() is not None:
             self._note_death()
-            raise TracerError(self.error or f"bpftrace is not running ({self._rc_text()})")
+            raise TracerError(
+                self.error or f"{self.backend.name} is not running ({self._rc_text()})"
+            )
 
     def _read_stdout(self, stream: IO[str]) -> None:
         # Raw output is kept beside the program: small (maps, not events) and it

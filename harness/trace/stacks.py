@@ -36,11 +36,14 @@ def phase_stacks(
     probe_name: Callable[[int], str | None],
     *,
     offsets: bool = False,
+    depth: int | None = None,
 ) -> dict[int, dict[str, Counter[tuple[str, ...]]]]:
     """phase -> probe -> folded stack -> count, for VM ``pid``.
 
     ``slot(g, h)`` is the correlator's attribution of a (guest phase, host
-    window) pair; ``probe_name`` maps probe ids to names.
+    window) pair; ``probe_name`` maps probe ids to names. Stacks are cut to
+    their innermost ``depth`` frames (tracers collect a few more, see
+    program.STACK_SLACK, so that dropping their own frames keeps ``depth``).
     """
     out: dict[int, dict[str, Counter[tuple[str, ...]]]] = {}
     stk: StackMap = snapshot.stack("stk")
@@ -51,7 +54,8 @@ def phase_stacks(
         phase, name = slot(g, h), probe_name(ident)
         if phase is None or name is None:
             continue
-        out.setdefault(phase, {}).setdefault(name, Counter())[fold(frames, offsets=offsets)] += n
+        kept = frames if depth is None else frames[:depth]
+        out.setdefault(phase, {}).setdefault(name, Counter())[fold(kept, offsets=offsets)] += n
     return out
 
 

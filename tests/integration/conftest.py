@@ -14,8 +14,20 @@ from harness.guest.ssh import SshGuest
 from harness.host.facts import choose_accelerator, collect_host_facts
 from harness.image.linux import LinuxImage, build_linux_image
 from harness.paths import cache_dir
+from harness.trace import libbpf
+from harness.trace.backend import Backend, BpftraceBackend, LibbpfBackend
 from harness.vm import configs, lifecycle
 from tests.conftest import harness_domains, stray_tracers
+
+#: Both tracer backends; exactness tests run against each.
+BACKENDS = ("bpftrace", "libbpf")
+
+
+def make_backend(name: str) -> Backend:
+    """A tracer backend by name; libbpf is built for this kernel (cached) on first use."""
+    if name == "bpftrace":
+        return BpftraceBackend()
+    return LibbpfBackend(libbpf.build())
 
 pytestmark = pytest.mark.integration
 

@@ -1,8 +1,9 @@
-"""The host tracer against real bpftrace, real QEMU/KVM and the micro guest.
+"""The host tracer against real bpftrace and libbpf, real QEMU/KVM and the micro guest.
 
 The micro guest (vm-images/micro) runs marked phases whose instruction counts
 are known exactly; on a PVM host every guest instruction is emulated and
 fires kvm:kvm_emulate_insn, so per-phase counts can be checked against it.
+Every exactness test runs against both backends (the ``backend`` fixture).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from harness.image.micro import (
     expected_loop_insns,
 )
 from harness.trace import probes as P
+from harness.trace.backend import Backend
 from harness.trace.correlate import phase_traces, unphased_totals
 from harness.trace.parse import TraceSnapshot
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer, TracerError, host_marker
+from tests.integration.conftest import BACKENDS, make_backend
 from tests.integration.micro_qemu import micro_vm
 
 pytestmark = [
@@ -43,6 +46,12 @@ pytestmark = [
         reason="kvm tracepoints not visible: mount -t tracefs nodev /sys/kernel/tracing",
     ),
 ]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each tracer backend in turn (libbpf built for this kernel on first use)."""
+    return make_backend(request.param)
 
 
 @contextlib.contextmanager
@@ -68,14 +77,19 @@ def _process_gone(pid: int) -> bool:
 
 
 def run_traced(
-    tmp_path: Path, phases: Sequence[MicroPhase], groups: Sequence[str], token: int
+    tmp_path: Path,
+    phases: Sequence[MicroPhase],
+    groups: Sequence[str],
+    token: int,
+    backend: Backend | None = None,
 ) -> tuple[Tracer, TraceSnapshot, TraceTarget, int, int]:
     """Run the micro guest under a tracer; return (tracer, final snapshot, target, cont, pid)."""
     image = build_micro_image(tmp_path / "img", phases, token)
     with (
         micro_vm(image, tmp_path) as vm,
         Tracer(
-            P.select(groups), [TraceTarget("micro", vm.pid, token)], workdir=tmp_path / "trace"
+            P.select(groups), [TraceTarget("micro", vm.pid, token)], workdir=tmp_path / "trace",
+            backend=backend,
         ) as tracer,
     ):
         target = tracer.program.targets[0]
@@ -84,13 +98,15 @@ def run_traced(
         assert vm.wait() == QEMU_EXIT_STATUS
         final = tracer.stop()
         bpftrace_pid = tracer._proc.pid if tracer._proc else -1
-    assert _process_gone(bpftrace_pid), "bpftrace survived the tracer"
+    assert _process_gone(bpftrace_pid), "the tracer process survived the tracer"
     return tracer, final, target, cont_ns, bpftrace_pid
 
 
-def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path) -> None:
+def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path, backend: Backend) -> None:
     phases = [MicroPhase("small", 16, 2), MicroPhase("double", 32, 2), MicroPhase("again", 16, 2)]
-    tracer, final, target, cont_ns, _ = run_traced(tmp_path, phases, ["all"], token=0x5A17)
+    tracer, final, target, cont_ns, _ = run_traced(
+        tmp_path, phases, ["all"], token=0x5A17, backend=backend
+    )
     assert tracer.status == "ok" and tracer.error is None
     assert tracer.attached_ns is not None and tracer.attached_ns < cont_ns
 
@@ -125,17 +141,18 @@ def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path) -> None:
     secs = sum(pt[k].duration_ns or 0 for k in (1, 2, 3)) / 1e9
     events = sum(pt[k].events_total for k in (1, 2, 3))
     print(
-        f"\nmicro guest, all probes: {events} events in phases 1-3 over {secs:.3f} s "
+        f"\nmicro guest, {backend.name}, all probes: {events} events in phases 1-3 over {secs:.3f} s "
         f"= {events / secs:,.0f} events/s; durations ms "
         f"{[round((pt[k].duration_ns or 0) / 1e6, 1) for k in (1, 2, 3)]}; "
         f"lost events {final.lost_events}"
     )
 
 
-def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
+def test_snapshots_during_the_run_and_summary(tmp_path: Path, backend: Backend) -> None:
     with (
         sleeper() as p,
-        Tracer(P.select(["default"]), [TraceTarget("idle", p.pid, 77)], workdir=tmp_path) as tracer,
+        Tracer(P.select(["default"]), [TraceTarget("idle", p.pid, 77)], workdir=tmp_path,
+               backend=backend) as tracer,
     ):
         tracer.start()
         t = tracer.program.targets[0]
@@ -149,19 +166,23 @@ def test_snapshots_during_the_run_and_summary(tmp_path: Path) -> None:
         assert summary.tracer_status == "ok"
         assert "kvm_cpuid" in summary.probes_attached
         assert len(summary.program_sha256 or "") == 64
+        assert summary.backend == backend.name
         # Probes this host cannot offer are listed with their reasons.
-        offered = {s.probe.name for s in P.availability(P.select(["default"])) if s.available}
+        offered = {s.probe.name for s in backend.availability(P.select(["default"]))
+                   if s.available}
         assert {x.probe for x in summary.probes_not_attached} == (
             {p.name for p in P.select(["default"])} - offered
         )
         assert all(x.reason for x in summary.probes_not_attached)
-        assert (tmp_path / "trace.bt").read_text() == tracer.program.text
+        assert (tmp_path / backend.program_file).read_text() == tracer.program.text
         tracer.stop()
     assert (tmp_path / "trace.jsonl").stat().st_size > 0
 
 
-@pytest.mark.parametrize("n", [1, 2, 8])
-def test_program_for_n_targets_loads_and_keeps_vms_apart(tmp_path: Path, n: int) -> None:
+@pytest.mark.parametrize("n", [1, 2, 8, 16])
+def test_program_for_n_targets_loads_and_keeps_vms_apart(
+    tmp_path: Path, n: int, backend: Backend
+) -> None:
     """The kernel loads the program for any number of targets (not only `bpftrace -d`).
 
     With two or more targets the marker filter once failed the verifier
@@ -172,12 +193,15 @@ def test_program_for_n_targets_loads_and_keeps_vms_apart(tmp_path: Path, n: int)
     with contextlib.ExitStack() as stack:
         pids = [stack.enter_context(sleeper()).pid for _ in range(n)]
         targets = [TraceTarget(f"vm{i}", pid, 0x100 + i) for i, pid in enumerate(pids)]
-        tracer = stack.enter_context(Tracer(P.select(["all"]), targets, workdir=tmp_path))
+        tracer = stack.enter_context(
+            Tracer(P.select(["all"]), targets, workdir=tmp_path, backend=backend)
+        )
         tracer.start()
         names = {s.probe.name for s in tracer.program.attached}
         assert {"kvm_cpuid", "kvm_emulate_insn"} <= names
-        # Every probe block plus BEGIN, END and the host-marker probe.
-        assert tracer.attached_probes == len(tracer.program.attached) + 3
+        # Every probe plus the host-marker probe (bpftrace: and its BEGIN and END blocks).
+        extra = 3 if backend.name == "bpftrace" else 1
+        assert tracer.attached_probes == len(tracer.program.attached) + extra
         # Host markers reach the VM whose token they carry, and no other.
         for i, t in enumerate(tracer.program.targets):
             for phase in range(1, i + 2):
@@ -188,11 +212,14 @@ def test_program_for_n_targets_loads_and_keeps_vms_apart(tmp_path: Path, n: int)
     assert final.counter("hphase") == {(pid,): i + 1 for i, pid in enumerate(pids)}
 
 
-def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) -> None:
+def test_host_window_attribution_for_a_process_that_is_no_guest(
+    tmp_path: Path, backend: Backend
+) -> None:
     with (
         sleeper() as p,
         Tracer(
-            P.select(["default"]), [TraceTarget("not-a-guest", p.pid, 4321)], workdir=tmp_path
+            P.select(["default"]), [TraceTarget("not-a-guest", p.pid, 4321)], workdir=tmp_path,
+            backend=backend,
         ) as tracer,
     ):
         tracer.start()
@@ -217,13 +244,14 @@ def test_host_window_attribution_for_a_process_that_is_no_guest(tmp_path: Path) 
     assert all(v.events_total == 0 for v in pt.values())
 
 
-def test_host_window_attribution_with_a_real_guest(tmp_path: Path) -> None:
+def test_host_window_attribution_with_a_real_guest(tmp_path: Path, backend: Backend) -> None:
     """Guest markers carry another token, so only the host windows can attribute."""
     image = build_micro_image(tmp_path / "img", [MicroPhase("p", 8, 1)], 0x0B0B)
     with (
         micro_vm(image, tmp_path) as vm,
         Tracer(
-            P.select(["default"]), [TraceTarget("micro", vm.pid, 0x0C0C)], workdir=tmp_path / "t"
+            P.select(["default"]), [TraceTarget("micro", vm.pid, 0x0C0C)], workdir=tmp_path / "t",
+            backend=backend,
         ) as tracer,
     ):
         tracer.start()
@@ -240,10 +268,11 @@ def test_host_window_attribution_with_a_real_guest(tmp_path: Path) -> None:
     assert pt[1].pio > 0 and pt[1].events_by_probe["kvm_cpuid"] >= 2
 
 
-def test_bpftrace_dying_mid_run_is_reported_with_stderr(tmp_path: Path) -> None:
+def test_tracer_dying_mid_run_is_reported_with_stderr(tmp_path: Path, backend: Backend) -> None:
     with (
         sleeper() as p,
-        Tracer(P.select(["default"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path) as tracer,
+        Tracer(P.select(["default"]), [TraceTarget("x", p.pid, 9)], workdir=tmp_path,
+               backend=backend) as tracer,
     ):
         tracer.start()
         assert tracer.alive()
@@ -284,3 +313,53 @@ def test_overhead_cpuid_only_vs_all_probes(tmp_path: Path) -> None:
         "\nphase durations ms (phase 1, phase 2): "
         + "; ".join(f"{g}: {[round(d / 1e6, 1) for d in v]}" for g, v in durations.items())
     )
+
+
+def test_both_backends_tracing_one_guest_at_once_agree_exactly(tmp_path: Path) -> None:
+    """bpftrace and libbpf attached to the same micro guest see the same events.
+
+    Both react to the same guest markers (one token) and host markers, so every
+    counter both keep must be equal, key by key, phase by phase and vCPU by
+    vCPU; only timestamps (each program reads the clock itself) may differ.
+    """
+    phases = [MicroPhase("a", 24, 2), MicroPhase("b", 8, 3)]
+    token = 0x5B17
+    image = build_micro_image(tmp_path / "img", phases, token)
+    with (
+        micro_vm(image, tmp_path) as vm,
+        Tracer(P.select(["all"]), [TraceTarget("micro", vm.pid, token)],
+               workdir=tmp_path / "bt", backend=make_backend("bpftrace"),
+               stacks=["kvm_cpuid", "kvm_mmu_get_page"]) as bt,
+        Tracer(P.select(["all"]), [TraceTarget("micro", vm.pid, token)],
+               workdir=tmp_path / "lb", backend=make_backend("libbpf"),
+               stacks=["kvm_cpuid", "kvm_mmu_get_page"]) as lb,
+    ):
+        bt.start()
+        lb.start()
+        target = bt.program.targets[0]
+        bt.mark_phase(target, 7)  # seen by both: the same token
+        vm.cont()
+        assert vm.wait() == QEMU_EXIT_STATUS
+        bt.mark_phase(target, 0)
+        mid_bt, mid_lb = bt.snapshot(), lb.snapshot()
+        final_bt, final_lb = bt.stop(), lb.stop()
+    assert {s.probe.name for s in bt.program.attached} == {
+        s.probe.name for s in lb.program.attached
+    }
+    # Timestamps differ (each program reads the clock); @dump_done is each tracer's own.
+    timestamps = {"marker_ns", "hmark_ns", "gdur", "hdur", "dump_done"}
+    for a, b in ((mid_bt, mid_lb), (final_bt, final_lb)):
+        names = (set(a.counters) | set(b.counters)) - timestamps
+        assert {"evt", "markers", "hmarks", "getpage"} <= names
+        for name in sorted(names):
+            assert a.counter(name) == b.counter(name), name
+        assert set(a.counter("marker_ns")) == set(b.counter("marker_ns"))
+        assert set(a.counter("gdur")) == set(b.counter("gdur"))
+        assert a.stack("stk") == b.stack("stk")
+    evt = final_lb.counter("evt")
+    assert sum(evt.values()) > sum(expected_loop_insns(p) for p in phases)
+    # Each guest marker once, in both.
+    assert final_lb.counter("markers") == {(vm.pid, k): 1 for k in (0, 1, 2)}
+    # The phases' durations, timed by each program's own clock, agree to a few microseconds.
+    for key, ns in final_bt.counter("gdur").items():
+        assert abs(final_lb.counter("gdur")[key] - ns) < 200_000, key

@@ -42,7 +42,7 @@ def test_program_counts_stacks_only_for_the_probes_asked() -> None:
     prog = generate(sts, [T1, T2], stacks=["kvm_mmu_get_page"], stack_depth=20)
     lines = [ln.strip() for ln in prog.text.splitlines() if "@stk[" in ln]
     ident = probe_id("kvm_mmu_get_page")
-    assert lines == [f"@stk[pid, $g, $h, {ident}, kstack(20)] = count();"]
+    assert lines == [f"@stk[pid, $g, $h, {ident}, kstack(24)] = count();"]
     assert "stk" in prog.maps and "print(@stk);" in prog.text
     plain = generate(sts, [T1])
     assert "@stk" not in plain.text and "stk" not in plain.maps
