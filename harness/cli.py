@@ -319,10 +319,21 @@ def host_restore() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probes(as_json: bool) -> None:
-    """List the probe catalogue and whether each probe can attach on this host."""
-    from harness.trace.probes import CATALOGUE, availability
+    """List the probe catalogue and whether each probe can attach here, per tracer backend."""
+    from harness.trace.backend import BpftraceBackend, LibbpfBackend
+    from harness.trace.libbpf import LibbpfUnavailable, build
+    from harness.trace.probes import CATALOGUE, HostView, ProbeStatus
 
-    status = availability(list(CATALOGUE))
+    view = HostView.probe()
+    status = BpftraceBackend().availability(list(CATALOGUE), view)
+    try:
+        lb: list[ProbeStatus] | str = LibbpfBackend(build()).availability(list(CATALOGUE), view)
+    except LibbpfUnavailable as exc:
+        lb = f"libbpf backend unavailable: {exc}"
+
+    def one(s: ProbeStatus) -> dict[str, object]:
+        return {"available": s.available, "attach": s.attach, "reason": s.reason}
+
     if as_json:
         click.echo(
             json.dumps(
@@ -333,18 +344,30 @@ def probes(as_json: bool) -> None:
                         "target": s.probe.target,
                         "category": s.probe.category,
                         "question": s.probe.question,
+                        # bpftrace's, as before; every backend's under "backends"
                         "available": s.available,
                         "reason": s.reason,
+                        "backends": {
+                            "bpftrace": one(s),
+                            "libbpf": one(lb[i]) if not isinstance(lb, str)
+                            else {"available": False, "attach": None, "reason": lb},
+                        },
                     }
-                    for s in status
+                    for i, s in enumerate(status)
                 ],
                 indent=2,
             )
         )
         return
-    for s in status:
-        mark = "ok " if s.available else "no "
-        click.echo(f"{mark} {s.probe.kind:<10} {s.probe.target:<36} {s.reason}")
+    if isinstance(lb, str):
+        click.echo(lb)
+    click.echo(f"{'bpftrace':<9} {'libbpf':<7} {'kind':<10} {'target':<36} why (bpftrace | libbpf)")
+    for i, s in enumerate(status):
+        other = None if isinstance(lb, str) else lb[i]
+        mark = "ok" if s.available else "no"
+        lmark = "-" if other is None else ("ok" if other.available else "no")
+        why = s.reason if other is None else f"{s.reason} | {other.reason}"
+        click.echo(f"{mark:<9} {lmark:<7} {s.probe.kind:<10} {s.probe.target:<36} {why}")
 
 
 def _first_problem(exc: ValueError) -> str:

@@ -31,6 +31,13 @@ APT_PACKAGES = (
     "libvirt-dev",
     "pkg-config",
     "bpftrace",
+    # the libbpf tracer backend (harness.trace.libbpf), built on first use
+    "clang",
+    "llvm",
+    "bpftool",
+    "libbpf-dev",
+    "libelf-dev",
+    "zlib1g-dev",
     "debootstrap",
     "dnsmasq-base",
     "libxml2-utils",
@@ -175,6 +182,24 @@ def check_bpftrace() -> Check:
     return Check(c.name, True, True, f"version {bpftrace_version()}") if c.ok else c
 
 
+def check_libbpf() -> Check:
+    """The libbpf tracer backend builds here (not required: ``auto`` falls back to bpftrace)."""
+    from harness.trace import libbpf  # builds with clang and bpftool: only when checked
+
+    missing = libbpf.missing_tools()
+    if missing:
+        return Check("libbpf-backend", False, False,
+                     f"{', '.join(missing)} not installed (the libbpf tracer backend)",
+                     f"apt-get install {' '.join(missing)}")
+    try:
+        built = libbpf.build()
+    except libbpf.LibbpfUnavailable as exc:
+        return Check("libbpf-backend", False, False, str(exc).splitlines()[0],
+                     "a kernel with CONFIG_DEBUG_INFO_BTF, or use [trace] backend = \"bpftrace\"")
+    return Check("libbpf-backend", True, False,
+                 f"kvmtrace loader built for this kernel ({built.loader})")
+
+
 def check_tracefs(root: Path = TRACEFS) -> Check:
     """tracefs is mounted and exposes the kvm tracepoints."""
     events = root / "events" / "kvm"
@@ -225,6 +250,7 @@ def run_checks() -> list[Check]:
         check_dev_kvm(),
         *check_kvm_facts(),
         check_bpftrace(),
+        check_libbpf(),
         check_tracefs(),
         check_debugfs(),
         _tool_check("debootstrap", "debootstrap", "debootstrap", True, "Linux image builds"),

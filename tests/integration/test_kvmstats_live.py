@@ -177,3 +177,39 @@ def test_doctor_live_host_has_no_required_failures() -> None:
     lines = render(checks)
     assert len(lines) == len(checks)
     assert required_failures(checks) == [], "\n".join(lines)
+
+
+def test_insn_emulation_equals_kvm_emulate_insn_traced_by_libbpf(
+    boot_img: Path, tmp_path: Path
+) -> None:
+    """The same cross-check through the harness's libbpf backend (every emulation counted)."""
+    _need("qemu-system-x86_64", "clang", "bpftool")
+    from harness.trace import probes as P
+    from harness.trace.program import TraceTarget
+    from harness.trace.runner import Tracer
+    from tests.integration.conftest import make_backend
+
+    qmp = tmp_path / "qmp.sock"
+    argv = [
+        "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
+        "-no-reboot", "-nodefaults", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-drive", f"file={boot_img},format=raw,if=floppy", "-boot", "a",
+    ]  # fmt: skip
+    q = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not qmp.exists():
+            assert q.poll() is None
+            time.sleep(0.05)
+        with Tracer(P.select(["kvm_emulate_insn"]), [TraceTarget("floppy", q.pid, 0x77)],
+                    workdir=tmp_path / "trace", backend=make_backend("libbpf")) as tracer:
+            tracer.start()
+            before = read_qmp_stats(qmp)
+            _run_for(qmp, 1.0)
+            delta = diff(before, read_qmp_stats(qmp))
+            final = tracer.stop()
+    finally:
+        q.kill()
+        q.wait(timeout=10)
+    traced = final.counter("total").get((q.pid, P.probe_id("kvm_emulate_insn")), 0)
+    assert traced > 0
+    assert traced == delta["insn_emulation"] + delta.get("insn_emulation_fail", 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from tests.conftest import harness_domains, stray_tracers
 pytestmark = pytest.mark.integration
 
 
-def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["bpftrace", "libbpf"])
+def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path, backend: str) -> None:
     suite = load_suite(SUITES_DIR / "micro-kvm.toml")
     workload = suite.workloads["micro-touch"]
     results = tmp_path / "results"
@@ -35,6 +37,8 @@ def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path) -> None
             "--results-dir",
             str(results),
             "--quiet",
+            "--tracer",
+            backend,
         ],
         capture_output=True,
         text=True,
@@ -51,6 +55,8 @@ def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path) -> None
     for vm in data["vms"]:
         assert vm["accelerator"] == "kvm"
         assert vm["trace"]["tracer_status"] == "ok"
+        assert vm["trace"]["backend"] == backend
+        assert vm["trace"]["backend_reason"] == f"{backend} was asked for"
         assert "kvm_emulate_insn" in vm["trace"]["probes_attached"]
         assert vm["trace"]["lost_events"] == 0
 
@@ -78,3 +84,27 @@ def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path) -> None
     run_id = data["run_id"]
     assert not [d for d in harness_domains() if run_id in d]
     assert not [t for t in stray_tracers() if run_id in t]
+
+
+def test_auto_falls_back_to_bpftrace_where_libbpf_cannot_load(tmp_path: Path) -> None:
+    """A host without kernel BTF (simulated: the BTF path points at a missing file)."""
+    missing = tmp_path / "no-such-btf"
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(SUITES_DIR / "micro-kvm.toml"),
+         "--results-dir", str(results), "--quiet"],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "HARNESS_LIBBPF_BTF": str(missing)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = results.glob("*.json")
+    data: dict[str, Any] = json.loads(path.read_text())
+    assert data["status"] == "complete"
+    for vm in data["vms"]:
+        trace = vm["trace"]
+        assert trace["backend"] == "bpftrace" and trace["tracer_status"] == "ok"
+        assert trace["backend_reason"].startswith("auto: libbpf unavailable")
+        assert str(missing) in trace["backend_reason"]
+    # The figures are still exact: the fallback traces the same events.
+    for run in data["runs"]:
+        assert all(p["trace"]["markers_seen"] == 1 for p in run["phases"])
