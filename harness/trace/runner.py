@@ -41,7 +41,7 @@ from harness.trace.parse import (
     TraceSnapshot,
     parse_line,
 )
-from harness.trace.probes import HostView, Probe, ProbeStatus, availability
+from harness.trace.probes import HostView, Probe, ProbeStatus
 from harness.trace.program import (
     DEFAULT_STACK_DEPTH,
     HOST_DUMP_WHICH,

@@ -170,5 +170,5 @@ def test_missing_build_tools_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(L.shutil, "which", lambda tool: None)
     assert {"clang", "bpftool", "gcc"} <= set(L.missing_tools())
     monkeypatch.setenv("HARNESS_LIBBPF_BTF", __file__)  # exists; the tools do not
-    with pytest.raises(L.LibbpfUnavailable, match="apt-get install .*clang"):
+    with pytest.raises(L.LibbpfUnavailable, match=r"apt-get install .*clang"):
         L.build()

@@ -6,8 +6,12 @@
  *   - targets (QEMU pids, marker tokens) are read-only data set by the loader
  *     before load, so the pid filter is a few compares against constants;
  *   - each VM's phase state is a global (.bss) array: no map lookup to find it;
- *   - one per-CPU hash update per event (@evt), the per-probe extras where the
- *     probe has some (exit reasons, fault codes, CR writes, root lookups);
+ *   - @evt is counted in a per-CPU slot per (VM, probe) while the thread and
+ *     phases stay the same (an array element: no hashing), and flushed into
+ *     the per-CPU hash when they change; the loader adds the slots to the hash
+ *     when it dumps, and retries a dump during which a slot was flushed;
+ *   - the per-probe extras where the probe has some (exit reasons, fault
+ *     codes, CR writes, root lookups) are one per-CPU hash update each;
  *   - tracepoints attach as BTF-typed raw tracepoints (tp_btf), so no event
  *     record is built; functions as fentry where the kernel has trampolines.
  * Per-probe, per-phase, per-vCPU and unphased totals are derived from @evt in
@@ -60,6 +64,13 @@ HASH(hmarks, BPF_MAP_TYPE_HASH, struct kvmt_phase_key, __u64, 65536);
 HASH(hmark_ns, BPF_MAP_TYPE_HASH, struct kvmt_phase_key, __u64, 65536);
 HASH(hdur, BPF_MAP_TYPE_HASH, struct kvmt_phase_key, __u64, 65536);
 HASH(scratch, BPF_MAP_TYPE_HASH, __u32, struct kvmt_scratch, 65536);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KVMT_MAX_TARGETS * KVMT_MAX_PROBES);
+	__type(key, __u32);
+	__type(value, struct kvmt_slot);
+} slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
@@ -171,6 +182,44 @@ struct ev {
 	__u32 pid, tid, g, h;
 };
 
+static __always_inline void percpu_add(void *map, void *key, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(map, key);
+	if (v) {
+		*v += n;
+		return;
+	}
+	if (bpf_map_update_elem(map, key, &n, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(map, key);
+		if (v)
+			*v += n;
+	}
+}
+
+/* @evt[pid, tid, g, h, probe] += 1, through this CPU's slot for (VM, probe). */
+static __always_inline void count_event(struct ev *e, __u32 probe)
+{
+	__u32 idx = (__u32)e->i * KVMT_MAX_PROBES + probe;
+	struct kvmt_slot *s = bpf_map_lookup_elem(&slots, &idx);
+	if (!s)
+		return;
+	if (s->used && s->tid == e->tid && s->g == e->g && s->h == e->h) {
+		s->count += 1;
+		return;
+	}
+	__sync_fetch_and_add(&s->seq, 1); /* odd: being rewritten */
+	if (s->used) {
+		struct kvmt_evt_key old = { e->pid, s->tid, s->g, s->h, probe };
+		percpu_add(&evt, &old, s->count);
+	}
+	s->tid = e->tid;
+	s->g = e->g;
+	s->h = e->h;
+	s->used = 1;
+	s->count = 1;
+	__sync_fetch_and_add(&s->seq, 1); /* even: consistent */
+}
+
 /* Filter, phase lookup and the one counter update every probe makes. */
 static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 {
@@ -182,8 +231,7 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 	e->tid = (__u32)id;
 	e->g = (__u32)vms[e->i].g;
 	e->h = (__u32)vms[e->i].h;
-	struct kvmt_evt_key k = { e->pid, e->tid, e->g, e->h, probe };
-	percpu_inc(&evt, &k);
+	count_event(e, probe);
 	if (probe < KVMT_MAX_PROBES && stack_on[probe]) {
 		struct kvmt_stk_key sk = { e->pid, e->g, e->h, probe, 0 };
 		sk.stackid = bpf_get_stackid(ctx, &stackmap, 0);

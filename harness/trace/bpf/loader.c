@@ -295,6 +295,99 @@ static void print_counter_map(const char *name, int fd, int nfields, int u64_tai
 	printf("}}}\n");
 }
 
+/* @evt = the per-CPU hash plus every CPU's slots (kvmtrace.h, struct kvmt_slot).
+ * The slots are read before and after the hash; a slot whose seq moved (or was
+ * odd) was flushed into the hash meanwhile, and the dump is taken again. */
+struct evt_row { struct kvmt_evt_key k; __u64 n; };
+
+static int slots_read(int fd, unsigned n, struct kvmt_slot *out)
+{
+	for (__u32 i = 0; i < n; i++)
+		if (bpf_map_lookup_elem(fd, &i, out + (size_t)i * nr_cpus))
+			return -1;
+	return 0;
+}
+
+static void print_evt(struct kvmtrace *skel, const struct config *c)
+{
+	int hfd = bpf_map__fd(skel->maps.evt), sfd = bpf_map__fd(skel->maps.slots);
+	unsigned n_slots = c->n_targets * KVMT_MAX_PROBES;
+	size_t per = (size_t)n_slots * nr_cpus;
+	struct kvmt_slot *s1 = calloc(per, sizeof(*s1)), *s2 = calloc(per, sizeof(*s2));
+	__u64 buf[nr_cpus > 0 ? nr_cpus : 1];
+	struct evt_row *rows = NULL;
+	size_t n_rows = 0, cap = 0;
+	int consistent = 0;
+	if (!s1 || !s2)
+		die("out of memory");
+	for (int attempt = 0; attempt < 100 && !consistent; attempt++) {
+		struct kvmt_evt_key key, next, *prev = NULL;
+		n_rows = 0;
+		if (slots_read(sfd, n_slots, s1))
+			die("reading the event slots: %s", strerror(errno));
+		while (bpf_map_get_next_key(hfd, prev, &next) == 0) {
+			key = next;
+			prev = &key;
+			__u64 v = percpu_sum(hfd, &key, buf);
+			if (n_rows == cap) {
+				cap = cap ? cap * 2 : 1024;
+				rows = realloc(rows, cap * sizeof(*rows));
+				if (!rows)
+					die("out of memory");
+			}
+			rows[n_rows].k = key;
+			rows[n_rows++].n = v;
+		}
+		if (slots_read(sfd, n_slots, s2))
+			die("reading the event slots: %s", strerror(errno));
+		consistent = 1;
+		for (size_t i = 0; i < per; i++)
+			if (s1[i].seq != s2[i].seq || (s2[i].seq & 1))
+				consistent = 0;
+	}
+	if (!consistent)
+		fprintf(stderr, "kvmtrace: @evt kept changing during 100 dump attempts; "
+				"this dump may be off by a flushed slot\n");
+	for (unsigned i = 0; i < n_slots; i++) {
+		for (int cpu = 0; cpu < nr_cpus; cpu++) {
+			const struct kvmt_slot *s = &s2[(size_t)i * nr_cpus + cpu];
+			if (!s->used || !s->count)
+				continue;
+			struct kvmt_evt_key k = { c->pid[i / KVMT_MAX_PROBES], s->tid, s->g, s->h,
+						  i % KVMT_MAX_PROBES };
+			size_t r;
+			for (r = 0; r < n_rows; r++)
+				if (!memcmp(&rows[r].k, &k, sizeof(k)))
+					break;
+			if (r == n_rows) {
+				if (n_rows == cap) {
+					cap = cap ? cap * 2 : 1024;
+					rows = realloc(rows, cap * sizeof(*rows));
+					if (!rows)
+						die("out of memory");
+				}
+				rows[n_rows].k = k;
+				rows[n_rows++].n = 0;
+			}
+			rows[r].n += s->count;
+		}
+	}
+	int first = 1;
+	for (size_t r = 0; r < n_rows; r++) {
+		if (!rows[r].n)
+			continue;
+		printf(first ? "{\"type\": \"map\", \"data\": {\"@evt\": {" : ", ");
+		first = 0;
+		printf("\"%u,%u,%u,%u,%u\": %llu", rows[r].k.pid, rows[r].k.tid, rows[r].k.g,
+		       rows[r].k.h, rows[r].k.probe, (unsigned long long)rows[r].n);
+	}
+	if (!first)
+		printf("}}}\n");
+	free(rows);
+	free(s1);
+	free(s2);
+}
+
 static void print_phases(struct kvmtrace *skel, const struct config *c)
 {
 	const char *names[2] = { "gphase", "hphase" };
@@ -364,36 +457,62 @@ static void print_lat(int fd)
 	free(rows);
 }
 
+/* @stk: a stack whose id the kernel could not give (bpf_get_stackid failed: its
+ * callchain buffer busy, or a stack-map collision) prints, as bpftrace does, as
+ * an empty stack; all of a key's lost stacks are summed into that one entry. */
 static void print_stacks(int fd, int stack_fd, unsigned depth)
 {
 	struct kvmt_stk_key key, next, *prev = NULL;
 	__u64 buf[nr_cpus > 0 ? nr_cpus : 1];
 	__u64 ips[KVMT_MAX_STACK_DEPTH];
-	int first = 1;
+	struct { struct kvmt_stk_key k; __u64 n; } *rows = NULL;
+	size_t n_rows = 0, cap = 0;
 	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
 		key = next;
 		prev = &key;
 		__u64 v = percpu_sum(fd, &key, buf);
 		if (!v)
 			continue;
-		printf(first ? "{\"type\": \"map\", \"data\": {\"@stk\": {\"" : ", \"");
-		first = 0;
-		printf("%u,%u,%u,%u,", key.pid, key.g, key.h, key.probe);
+		struct kvmt_stk_key k = key;
+		if (k.stackid < 0)
+			k.stackid = -1;
+		size_t r;
+		for (r = 0; r < n_rows; r++)
+			if (!memcmp(&rows[r].k, &k, sizeof(k)))
+				break;
+		if (r == n_rows) {
+			if (n_rows == cap) {
+				cap = cap ? cap * 2 : 256;
+				rows = realloc(rows, cap * sizeof(*rows));
+				if (!rows)
+					die("out of memory");
+			}
+			rows[n_rows].k = k;
+			rows[n_rows++].n = 0;
+		}
+		rows[r].n += v;
+	}
+	for (size_t r = 0; r < n_rows; r++) {
+		const struct kvmt_stk_key *k = &rows[r].k;
+		printf(r ? ", \"" : "{\"type\": \"map\", \"data\": {\"@stk\": {\"");
+		printf("%u,%u,%u,%u,", k->pid, k->g, k->h, k->probe);
 		memset(ips, 0, sizeof(ips));
-		if (key.stackid >= 0 && bpf_map_lookup_elem(stack_fd, &key.stackid, ips) == 0) {
+		if (k->stackid >= 0 && bpf_map_lookup_elem(stack_fd, &k->stackid, ips) == 0) {
 			for (unsigned i = 0; i < depth && ips[i]; i++) {
 				const struct ksym *s = ksym_of(ips[i]);
 				if (s)
-					printf("\\n    %s+%llu", s->name, (unsigned long long)(ips[i] - s->addr));
+					printf("\\n    %s+%llu", s->name,
+					       (unsigned long long)(ips[i] - s->addr));
 				else
 					printf("\\n    0x%llx", (unsigned long long)ips[i]);
 			}
 			printf("\\n");
 		}
-		printf("\": %llu", (unsigned long long)v);
+		printf("\": %llu", (unsigned long long)rows[r].n);
 	}
-	if (!first)
+	if (n_rows)
 		printf("}}}\n");
+	free(rows);
 }
 
 static void dump(struct kvmtrace *skel, const struct config *c, int seq)
@@ -407,7 +526,7 @@ static void dump(struct kvmtrace *skel, const struct config *c, int seq)
 	print_counter_map("hmarks", bpf_map__fd(m->hmarks), 2, 0, 0);
 	print_counter_map("hmark_ns", bpf_map__fd(m->hmark_ns), 2, 0, 0);
 	print_counter_map("hdur", bpf_map__fd(m->hdur), 2, 0, 0);
-	print_counter_map("evt", bpf_map__fd(m->evt), 5, 0, 1);
+	print_evt(skel, c);
 	if (c->n_stacks)
 		print_stacks(bpf_map__fd(m->stk), bpf_map__fd(m->stackmap), c->stack_depth);
 	print_counter_map("exits", bpf_map__fd(m->exits), 5, 0, 1);
