@@ -16,12 +16,11 @@ import libvirt
 from harness.results import CrossCheck, PhaseResult, VmRecord
 from harness.runstate import RunState, Teardown
 from harness.trace import correlate, crosscheck, kvmstats, probes
-from harness.trace.backend import BpftraceBackend, Choice, choose
-from harness.trace.libbpf import LibbpfUnavailable
+from harness.trace.backend import Choice
 from harness.trace.model import TraceSummary
 from harness.trace.parse import TraceSnapshot
 from harness.trace.program import TraceTarget
-from harness.trace.runner import Tracer, TracerError
+from harness.trace.runner import BackendStartError, Tracer, TracerError, start_backend
 
 
 def kvm_stats(domain: libvirt.virDomain) -> dict[str, int] | None:
@@ -73,38 +72,19 @@ def start_tracer(
             backend_reason=choice.reason,
         )
 
-    def not_started(exc: Exception, backend: str) -> None:
+    try:
+        tracer = start_backend(state.trace_backend, make, teardown.enter)
+    except BackendStartError as exc:
         with state.lock:
             for r in records:
                 r.trace = TraceSummary(tracer_status="not-started", tracer_error=str(exc),
-                                       backend=backend)
+                                       backend=exc.backend)
             names = ", ".join(r.name for r in records)
-            state.result.errors.append(f"tracer ({backend}) did not start for {names}: {exc}")
+            state.result.errors.append(
+                f"tracer ({exc.backend}) did not start for {names}: {exc}"
+            )
             state.save()
-
-    try:
-        choice = choose(state.trace_backend)
-    except LibbpfUnavailable as exc:
-        not_started(exc, "libbpf")
         return None
-    tracer = make(choice)
-    teardown.enter(tracer)
-    try:
-        tracer.start()
-    except TracerError as exc:
-        if not (state.trace_backend == "auto" and choice.backend.name == "libbpf"):
-            not_started(exc, choice.backend.name)
-            return None
-        # auto: a libbpf program this kernel will not load is a reason to use bpftrace.
-        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no message"
-        tracer = make(Choice(BpftraceBackend(),
-                             f"auto: the libbpf backend did not start ({why}); bpftrace"))
-        teardown.enter(tracer)
-        try:
-            tracer.start()
-        except TracerError as exc2:
-            not_started(exc2, "bpftrace")
-            return None
     with state.lock:
         for t, r in traced:
             r.trace = tracer.summary(pid=t.pid)

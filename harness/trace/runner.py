@@ -22,12 +22,13 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
-from harness.trace.backend import Backend, BpftraceBackend
+from harness.trace.backend import Backend, BpftraceBackend, Choice, choose
+from harness.trace.libbpf import LibbpfUnavailable
 from harness.trace.model import ProbeNotAttached, TracerStatus, TraceSummary
 from harness.trace.parse import (
     Attached,
@@ -47,6 +48,7 @@ from harness.trace.program import (
     HOST_DUMP_WHICH,
     HOST_MARKER_WHICH,
     READY_MESSAGE,
+    ProgramError,
     TraceProgram,
     TraceTarget,
     stderr_filter,
@@ -435,6 +437,51 @@ class Tracer:
                 if m:
                     self.lost_events += int(m.group(1))
                 self._stderr.append(line.rstrip("\n"))
+
+
+class BackendStartError(TracerError):
+    """No tracer of the backend asked for could be started (``backend`` names the last tried)."""
+
+    def __init__(self, message: str, backend: str) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+def start_backend(
+    asked: str,
+    make: Callable[[Choice], Tracer],
+    enter: Callable[[Tracer], object],
+) -> Tracer:
+    """Make and start a tracer of backend ``asked`` (auto, bpftrace, libbpf).
+
+    ``make`` builds the tracer for a choice and ``enter`` registers it for
+    teardown before it starts. With ``auto``, a libbpf backend that cannot be
+    built, configured (more VMs than it traces) or started is replaced by
+    bpftrace, and the tracer's ``backend_reason`` says why. Raises
+    BackendStartError when no tracer starts.
+    """
+    try:
+        choice = choose(asked)
+    except LibbpfUnavailable as exc:
+        raise BackendStartError(str(exc), "libbpf") from exc
+    try:
+        tracer = make(choice)
+        enter(tracer)
+        tracer.start()
+        return tracer
+    except (TracerError, ProgramError) as exc:
+        if not (asked == "auto" and choice.backend.name == "libbpf"):
+            raise BackendStartError(str(exc), choice.backend.name) from exc
+        lines = str(exc).strip().splitlines()
+        why = lines[-1] if lines else type(exc).__name__
+    fallback = make(Choice(BpftraceBackend(), f"auto: the libbpf backend did not start ({why}); "
+                                              "bpftrace"))
+    enter(fallback)
+    try:
+        fallback.start()
+    except TracerError as exc:
+        raise BackendStartError(str(exc), "bpftrace") from exc
+    return fallback
 
 
 @atexit.register

@@ -42,6 +42,7 @@ from harness.trace.correlate import phase_traces
 from harness.trace.model import PhaseTrace
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
+from tests.integration.conftest import BACKENDS, make_backend
 from tests.integration.micro_qemu import micro_vm
 
 pytestmark = [
@@ -86,13 +87,14 @@ def run_paging(
     token: int,
     qemu_args: Sequence[str] = (),
     while_paused: Callable[[], None] | None = None,
+    backend: str = "bpftrace",
 ) -> dict[int, PhaseTrace]:
     """Boot the paging ROM paused, attach the tracer, run it to its exit; per-phase traces."""
     image = build_paging_image(tmp_path / "img", k, phases, token)
     with (
         micro_vm(image, tmp_path, qemu_args) as vm,
         Tracer(P.select(PROBES), [TraceTarget("paging", vm.pid, token)],
-               workdir=tmp_path / "trace") as tracer,
+               workdir=tmp_path / "trace", backend=make_backend(backend)) as tracer,
     ):
         tracer.start()
         if while_paused is not None:
@@ -107,11 +109,12 @@ def run_paging(
 
 # K on both sides of the cache (1 + KVM_MMU_NUM_PREV_ROOTS = 4 roots), with two
 # cycle lengths per boot: one not a multiple of K, one long.
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8])
-def test_paging_guest_costs_what_kvm_source_says(tmp_path: Path, k: int) -> None:
+def test_paging_guest_costs_what_kvm_source_says(tmp_path: Path, k: int, backend: str) -> None:
     n1, n2 = 3 * k + 1, 200
     phases = _phases(k, n1, n2, pages=600, edits=40)
-    pt = run_paging(tmp_path, k, phases, token=0x6A00 + k)
+    pt = run_paging(tmp_path, k, phases, token=0x6A00 + k, backend=backend)
     want = expected_answers(k, phases)
 
     for p in range(len(phases) + 1):

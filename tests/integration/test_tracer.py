@@ -27,11 +27,17 @@ from harness.image.micro import (
     expected_loop_insns,
 )
 from harness.trace import probes as P
-from harness.trace.backend import Backend
+from harness.trace.backend import Backend, Choice
 from harness.trace.correlate import phase_traces, unphased_totals
 from harness.trace.parse import TraceSnapshot
 from harness.trace.program import TraceTarget
-from harness.trace.runner import Tracer, TracerError, host_marker
+from harness.trace.runner import (
+    BackendStartError,
+    Tracer,
+    TracerError,
+    host_marker,
+    start_backend,
+)
 from tests.integration.conftest import BACKENDS, make_backend
 from tests.integration.micro_qemu import micro_vm
 
@@ -374,3 +380,27 @@ def test_both_backends_tracing_one_guest_at_once_agree_exactly(tmp_path: Path) -
     # The phases' durations, timed by each program's own clock, agree to a few microseconds.
     for key, ns in final_bt.counter("gdur").items():
         assert abs(final_lb.counter("gdur")[key] - ns) < 200_000, key
+
+
+def test_auto_uses_bpftrace_for_more_vms_than_libbpf_traces(tmp_path: Path) -> None:
+    """auto: libbpf traces at most 16 VMs at once; a round with 17 gets bpftrace, and says so."""
+    with contextlib.ExitStack() as stack:
+        pids = [stack.enter_context(sleeper()).pid for _ in range(17)]
+        targets = [TraceTarget(f"vm{i}", pid, 0x200 + i) for i, pid in enumerate(pids)]
+        made: list[str] = []
+
+        def make(choice: Choice) -> Tracer:
+            made.append(choice.backend.name)
+            return Tracer(P.select(["markers"]), targets, workdir=tmp_path / choice.backend.name,
+                          backend=choice.backend, backend_reason=choice.reason)
+
+        tracer = start_backend("auto", make, stack.enter_context)
+        assert made == ["libbpf", "bpftrace"]
+        summary = tracer.summary()
+        assert summary.backend == "bpftrace" and summary.tracer_status == "ok"
+        assert summary.backend_reason is not None and "at most 16" in summary.backend_reason
+        tracer.stop()
+        # Asked for by name, libbpf is not replaced: the error says why.
+        with pytest.raises(BackendStartError, match="at most 16") as err:
+            start_backend("libbpf", make, stack.enter_context)
+        assert err.value.backend == "libbpf"
