@@ -373,12 +373,14 @@ def generate(
     stacked = frozenset(n for n in stacks if n in names)
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
 
-    def render(ts: Sequence[TraceTarget], sess: int) -> str:
+    def render(ts: Sequence[TraceTarget], sess: int, owner: int) -> str:
         lines = [
             "# kvmtrace configuration (harness.trace.libbpf); the loader is built from",
             f"# harness/trace/bpf at digest {built.digest}",
             f"btf {built.btf}",
             f"session {sess}",
+            # Host markers count only from this harness (see program.generate).
+            f"owner {owner}",
             *(f"# {t.vm}\ntarget {t.pid} {t.token}" for t in ts),
             *(f"probe {s.probe.name}" for s in attached),
             *(f"stack {n}" for n in sorted(stacked)),
@@ -392,7 +394,7 @@ def generate(
     if MARKER_PROBE in names:
         maps += ["gphase", "markers", "marker_ns", "gdur"]
     return TraceProgram(
-        text=render(targets, session),
+        text=render(targets, session, os.getpid()),
         targets=tuple(targets),
         attached=attached,
         not_attached=not_attached,
@@ -402,5 +404,5 @@ def generate(
         stacks=stacked,
         stack_depth=stack_depth,
         backend="libbpf",
-        template=render(canonical, 1),
+        template=render(canonical, 1, 1),
     )

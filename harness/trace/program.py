@@ -35,6 +35,7 @@ Map layout (every key is an integer; probe ids are catalogue indices,
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import subprocess
@@ -196,8 +197,13 @@ def generate(
     session: int | None = None,
     stacks: Sequence[str] = (),
     stack_depth: int = DEFAULT_STACK_DEPTH,
+    owner: int | None = None,
 ) -> TraceProgram:
     """Generate one bpftrace program for the available probes in ``statuses``.
+
+    Host markers count only from process ``owner`` (default: this one, the
+    harness that places them), so two harness runs on one host cannot move
+    each other's phases even if their random tokens or sessions collide.
 
     Unavailable probes are left out (and listed in ``not_attached``). The
     ``session`` (1..65535, random by default) is carried by dump requests so
@@ -224,10 +230,11 @@ def generate(
             )
     # A stacked probe that did not attach has no events and so no stacks.
     stacked = frozenset(n for n in stacks if n in names)
-    gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth)
+    gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth,
+               os.getpid() if owner is None else owner)
     text = gen.render()
     canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(targets) + 1))
-    template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth).render()
+    template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth, 1).render()
     return TraceProgram(
         text=text,
         targets=tuple(targets),
@@ -254,7 +261,9 @@ class _Gen:
         session: int,
         stacks: frozenset[str] = frozenset(),
         stack_depth: int = DEFAULT_STACK_DEPTH,
+        owner: int = 1,
     ) -> None:
+        self.owner = owner
         self.targets = targets
         self.attached = attached
         self.names = names
@@ -336,10 +345,11 @@ class _Gen:
             "// Host markers: the harness calls getpriority(which, who), which fails with EINVAL.",
             f"//   which {HOST_MARKER_WHICH:#x}: who = (token << 16) | phase -> @hphase of that VM",
             f"//   which {HOST_DUMP_WHICH:#x}: who = (session << 16) | seq -> print all maps",
-            "// The call comes from the harness, not QEMU, so the token selects the VM.",
+            "// The call comes from the harness, not QEMU, so the token selects the VM;",
+            "// only this harness's calls count (another run may have drawn the same token).",
             "tracepoint:syscalls:sys_enter_getpriority",
             "// One read of args->which in the filter too: (which | 1) matches both values.",
-            f"/(args->which | 1) == {HOST_MARKER_WHICH | 1:#x}/",
+            f"/pid == {self.owner} && (args->which | 1) == {HOST_MARKER_WHICH | 1:#x}/",
             "{",
             "  // Every args field is read once, before any branch (see _ARGS).",
             "  $which = args->which;",

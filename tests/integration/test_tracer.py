@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -404,3 +405,29 @@ def test_auto_uses_bpftrace_for_more_vms_than_libbpf_traces(tmp_path: Path) -> N
         with pytest.raises(BackendStartError, match="at most 16") as err:
             start_backend("libbpf", make, stack.enter_context)
         assert err.value.backend == "libbpf"
+
+
+def test_host_markers_of_another_process_do_not_count(tmp_path: Path, backend: Backend) -> None:
+    """Another harness that drew the same token (or session) cannot move our phases."""
+    with (
+        sleeper() as p,
+        Tracer(P.select(["markers"]), [TraceTarget("x", p.pid, 0x4321)], workdir=tmp_path,
+               backend=backend) as tracer,
+    ):
+        tracer.start()
+        t = tracer.program.targets[0]
+        session = tracer.program.session
+        code = (
+            "import os\n"
+            "def m(w, who):\n"
+            "    try: os.getpriority(w, who - (1 << 32) if who >= (1 << 31) else who)\n"
+            "    except OSError: pass\n"
+            f"m(0x4B564D00, (0x4321 << 16) | 9)\n"
+            f"m(0x4B564D01, ({session} << 16) | 999)\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        tracer.mark_phase(t, 1)
+        final = tracer.stop()
+    assert final.counter("hmarks") == {(p.pid, 1): 1}
+    # No dump answered the stranger's request (the tracer's raw output has no seq 999).
+    assert '"@dump_done": 999' not in tracer.output_path.read_text()

@@ -58,7 +58,10 @@ def test_every_probe_filtered_to_target_pids_and_keyed_by_phase() -> None:
     # Host markers map tokens to pids (the syscall comes from the harness).
     assert "if (($who >> 16) == 7) {  // vm-a" in text
     assert "@hphase[(uint64)1111] = $ph;" in text
-    assert f"/(args->which | 1) == {HOST_DUMP_WHICH:#x}/" in text  # marker or dump
+    # Marker or dump, and only from the harness that generated the program.
+    assert f"/pid == {os.getpid()} && (args->which | 1) == {HOST_DUMP_WHICH:#x}/" in text
+    other = generate(sts, [T1, T2], session=5, owner=4242).text
+    assert f"/pid == 4242 && (args->which | 1) == {HOST_DUMP_WHICH:#x}/" in other
     assert "} else if (($who >> 16) == 5) {" in text
     assert text.index("print(@lat);") < text.index("print(@dump_done);")
     assert prog.latencies == (0, 1)

@@ -32,6 +32,7 @@ const volatile __u32 n_targets = 0;
 const volatile __u32 target_pid[KVMT_MAX_TARGETS] = {};
 const volatile __u32 target_token[KVMT_MAX_TARGETS] = {};
 const volatile __u32 session = 0;
+const volatile __u32 owner_pid = 0;    /* host markers count only from this harness */
 const volatile __u8 stack_on[KVMT_MAX_PROBES] = {};
 const volatile __u8 lat_exit_on = 0;   /* latency 0: kvm_exit -> kvm_entry */
 const volatile __u8 lat_pf_on = 0;     /* latency 1: kvm_page_fault -> kvm_entry */
@@ -274,6 +275,9 @@ int host_marker(struct trace_event_raw_sys_enter *ctx)
 {
 	__u64 which = ctx->args[0];
 	__u32 who = (__u32)ctx->args[1];
+	/* Another harness run may have drawn the same token or session. */
+	if (owner_pid && (bpf_get_current_pid_tgid() >> 32) != owner_pid)
+		return 0;
 	if (which == KVMT_HOST_MARKER_WHICH) {
 		int i = target_of_token(who >> 16);
 		if (i >= 0 && i < KVMT_MAX_TARGETS)
@@ -311,8 +315,9 @@ SEC("tracepoint/kvm/kvm_exit")
 int tp_kvm_exit(void *ctx)
 {
 	struct trace_event_raw_kvm_exit___kvmt *r = ctx;
-	__u32 reason = BPF_CORE_READ(r, exit_reason);
-	__u32 isa = BPF_CORE_READ(r, isa);
+	/* Loads from the record at offsets relocated to this kernel's layout. */
+	__u32 reason = r->exit_reason;
+	__u32 isa = r->isa;
 	struct ev e;
 	if (!begin(ctx, PROBE_kvm_exit, &e))
 		return 0;

@@ -35,6 +35,7 @@ static int nr_cpus;
 
 struct config {
 	unsigned session;
+	unsigned owner; /* the only process whose host markers count (0: any) */
 	unsigned n_targets;
 	unsigned pid[KVMT_MAX_TARGETS], token[KVMT_MAX_TARGETS];
 	char probes[KVMT_MAX_PROBES][64];
@@ -86,6 +87,8 @@ static void read_config(const char *path, struct config *c)
 			continue;
 		if (!strcmp(key, "session") && sscanf(arg, "%u", &a) == 1) {
 			c->session = a;
+		} else if (!strcmp(key, "owner") && sscanf(arg, "%u", &a) == 1) {
+			c->owner = a;
 		} else if (!strcmp(key, "target") && sscanf(arg, "%u %u", &a, &b) == 2) {
 			if (c->n_targets >= KVMT_MAX_TARGETS)
 				die("%s:%d: more than %d targets", path, lineno, KVMT_MAX_TARGETS);
@@ -596,6 +599,7 @@ int main(int argc, char **argv)
 		skel->rodata->target_token[i] = c.token[i];
 	}
 	skel->rodata->session = c.session;
+	skel->rodata->owner_pid = c.owner;
 	skel->rodata->lat_exit_on = c.lat[0];
 	skel->rodata->lat_pf_on = c.lat[1];
 	{
@@ -613,6 +617,7 @@ int main(int argc, char **argv)
 		btf__free(vmlinux);
 	}
 	bpf_map__set_value_size(skel->maps.stackmap, c.stack_depth * sizeof(__u64));
+	bpf_map__set_max_entries(skel->maps.slots, c.n_targets * KVMT_MAX_PROBES);
 	if (!c.n_stacks)
 		bpf_map__set_max_entries(skel->maps.stackmap, 1);
 	bpf_object__for_each_program(prog, skel->obj)
