@@ -515,7 +515,7 @@ def workloads(as_json: bool) -> None:
     for text in problems:
         click.echo(text, err=True)
     if problems:
-        sys.exit(1)
+        sys.exit(BadInput.exit_code)  # the good ones are listed; the broken files are bad input
 
 
 def _workload_json(w: WorkloadSpec) -> dict[str, object]:

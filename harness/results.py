@@ -10,6 +10,7 @@ does not know instead of misreading them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -90,8 +91,18 @@ class WorkloadRun(_Model):
     vm: str
     repetition: int
     params: dict[str, str | int | float]
-    status: Literal["ok", "failed", "incomplete"]
+    status: Literal["ok", "failed", "incomplete", "skipped"] = Field(
+        description="skipped: never started, because its boot was ended before (see reason)"
+    )
     phases: list[PhaseResult] = []
+    reason: str | None = Field(
+        default=None,
+        description="why it failed or was skipped, in words; None when it ran to its end",
+    )
+    not_run: list[str] = Field(
+        default_factory=list,
+        description="its phases that did not run because an earlier one did not succeed",
+    )
 
 
 class VmRecord(_Model):
@@ -123,6 +134,12 @@ class VmRecord(_Model):
         "the marker token: equal recipes boot the same guest (None: use image_digest)",
     )
     trace: TraceSummary | None = Field(default=None, description="the tracer of this boot")
+    ended_early: str | None = Field(
+        default=None,
+        description="why the harness destroyed this boot before all its work ran (a phase "
+        "timed out, the guest or its SSH is gone, libvirtd was lost); its remaining work is "
+        "recorded as skipped. None: it did everything it was given",
+    )
 
 
 class SuiteRef(_Model):
@@ -171,10 +188,15 @@ def json_schema() -> dict[str, Any]:
 
 
 def write_atomic(result: RunResult, path: Path) -> None:
-    """Replace ``path`` with ``result`` so readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace ``path`` with ``result`` so readers see the old file or the new, never half.
+
+    A failed write (a full disk) leaves the old file as it was and raises an
+    OSError that names the file and the errno (e.g. ENOSPC).
+    """
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(result.model_dump_json(indent=2))
             f.write("\n")
@@ -182,8 +204,16 @@ def write_atomic(result: RunResult, path: Path) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            code = errno.errorcode.get(exc.errno, str(exc.errno))
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror} ({code}): cannot write the result file {path}; "
+                "its previous version is kept as it was",
+            ) from exc
         raise
 
 
@@ -206,8 +236,11 @@ def load(path: Path) -> RunResult:
     return RunResult.model_validate(data)
 
 
-def mark_killed(path: Path, note: str) -> bool:
-    """Say in a dead run's file that it was killed; its measured phases stay as they are.
+def mark_killed(
+    path: Path, note: str, status: Literal["killed", "failed"] = "killed"
+) -> bool:
+    """Say in a dead run's file that it was killed (or ``status``: how it ended); its
+    measured phases stay as they are.
 
     Only a file still claiming ``running`` is changed (its process is known to
     be gone); anything unreadable is left alone. Returns whether it was changed.
@@ -218,9 +251,12 @@ def mark_killed(path: Path, note: str) -> bool:
         return False
     if result.status != "running":
         return False
-    result.status = "killed"
+    result.status = status
     result.errors.append(note)
-    write_atomic(result, path)
+    try:
+        write_atomic(result, path)
+    except OSError:
+        return False  # its disk is still full, or gone: the next run must not fail for it
     return True
 
 

@@ -31,6 +31,8 @@ from itertools import zip_longest
 from pathlib import Path
 from types import FrameType
 
+import libvirt
+
 from harness import __version__, tracing
 from harness.host.facts import collect_host_facts
 from harness.host.mmuconfig import HostConfigRecord
@@ -82,11 +84,13 @@ def run_suite(
     command_line: Sequence[str] = (),
     stacks: Sequence[str] | None = None,
     host_config: HostConfigRecord | None = None,
+    backend: str | None = None,
 ) -> RunState:
     """Run every workload of ``suite`` and write ``results_dir/<run-id>.json``.
 
     ``host_config`` is the host MMU configuration applied around this run
-    (by the caller), recorded in the result. Returns the final state; raises
+    (by the caller), recorded in the result. ``backend`` overrides the suite's
+    ``[trace] backend`` (auto, bpftrace or libbpf). Returns the final state; raises
     RunInterrupted on SIGINT/SIGTERM after cleaning up and marking the result
     incomplete.
     """
@@ -125,10 +129,21 @@ def run_suite(
         stack_probes=list(suite.spec.trace.stacks if stacks is None else stacks),
         stack_depth=suite.spec.trace.stack_depth,
         stack_offsets=suite.spec.trace.stack_offsets,
+        trace_backend=suite.spec.trace.backend if backend is None else backend,
     )
     conn = lifecycle.connect()
     try:
         def killed(run_dir: Path, result_file: Path, owner: str) -> bool:
+            with contextlib.suppress(OSError):
+                why = (run_dir / SAVE_ERROR_FILE).read_text().strip()
+                return mark_killed(
+                    result_file,
+                    f"failed: its harness process (pid {owner}) could not write this file "
+                    f"({why}) and stopped; run {run_id} found its leftovers at "
+                    f"{datetime.now(UTC).isoformat(timespec='seconds')}; the phases recorded "
+                    "before are kept as they were",
+                    status="failed",
+                )
             return mark_killed(
                 result_file,
                 f"killed: its harness process (pid {owner}) was gone when run {run_id} found "
@@ -142,8 +157,8 @@ def run_suite(
         state.save()
         reporter.step(f"run {run_id}: results in {state.path}")
         ctx = RunContext(state, conn, facts)
-        with _signals_raise(), contextlib.ExitStack() as stack:
-            stack.callback(_remove_run_dir, state.run_dir)
+        with signals_raise(), contextlib.ExitStack() as stack:
+            stack.callback(_remove_run_dir, state)
             for plans in plan_rounds(suite):
                 _run_round(ctx, plans)
         with state.lock:
@@ -161,10 +176,13 @@ def run_suite(
             result.errors.append(f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        with state.lock:
-            result.finished_at = datetime.now(UTC)
-            state.close()
-        conn.close()
+        try:
+            with state.lock:
+                result.finished_at = datetime.now(UTC)
+                state.close()  # raises on a full disk: the message names the file
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):  # a lost libvirtd: nothing to close
+                conn.close()
     return state
 
 
@@ -205,10 +223,19 @@ class _Unit:
         self.teardown = Teardown()
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        #: Set when the thread's work has ended. Waited on instead of Thread.join:
+        #: a join that SIGINT interrupts makes Python 3.11 take the thread for
+        #: stopped (its tstate lock is released), so later joins return at once
+        #: and the run would exit while the thread still works (an image build).
+        self.done = threading.Event()
 
     @property
     def name(self) -> str:
         return self.session.plan.name
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the thread's work has ended (True) or ``timeout`` passed."""
+        return self.thread is None or self.done.wait(timeout)
 
 
 def _run_round(ctx: RunContext, plans: list[BootPlan]) -> None:
@@ -247,8 +274,7 @@ def _run_round(ctx: RunContext, plans: list[BootPlan]) -> None:
             except BaseException as exc:
                 pending = pending or exc
         for u in units:
-            if u.thread is not None:
-                u.thread.join(THREAD_GRACE_S if state.cancel.is_set() else None)
+            u.wait(THREAD_GRACE_S if state.cancel.is_set() else None)
         if pending is not None:
             raise pending
 
@@ -291,13 +317,16 @@ def _in_threads(units: list[_Unit], fn: Callable[[_Unit], None]) -> None:
             fn(u)
         except BaseException as exc:  # kept for the main thread; a thread cannot raise to it
             u.error = exc
+        finally:
+            u.done.set()
 
     for u in units:
+        u.done.clear()
         u.thread = threading.Thread(target=body, args=(u,), name=f"vm-{u.name}", daemon=True)
         u.thread.start()
     for u in units:
-        while u.thread is not None and u.thread.is_alive():
-            u.thread.join(0.2)
+        while not u.wait(0.2):
+            pass
 
 
 def _first_error(state: RunState, failed: list[_Unit]) -> BaseException:
@@ -311,7 +340,7 @@ def _first_error(state: RunState, failed: list[_Unit]) -> BaseException:
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """Turn SIGINT/SIGTERM into RunInterrupted once; ignore repeats while cleaning up."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -327,5 +356,14 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _remove_run_dir(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
+#: Left in a run directory whose result file could not be written (a full disk): the
+#: file still says "running", so the next run reaps the directory and records why.
+SAVE_ERROR_FILE = "save-error"
+
+
+def _remove_run_dir(state: RunState) -> None:
+    if state.save_error is not None:
+        with contextlib.suppress(OSError):
+            (state.run_dir / SAVE_ERROR_FILE).write_text(state.save_error + "\n")
+            return
+    shutil.rmtree(state.run_dir, ignore_errors=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+#: Polled while a command runs: None while the guest is fine, else what happened to it.
+AbortCheck = Callable[[], str | None]
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,15 @@ class GuestError(Exception):
     """The transport failed (not the command): connection lost, file copy failed."""
 
 
+class GuestLost(GuestError):
+    """The connection dropped while a command ran: the command's outcome is unknown."""
+
+
+class GuestGone(GuestError):
+    """The guest went away while a command ran (its domain is gone, its kernel panicked,
+    libvirtd lost): the ``abort_if`` check of :meth:`Guest.run` said so."""
+
+
 class GuestTimeout(GuestError):
     """A command ran past its timeout; carries what it printed so far."""
 
@@ -38,8 +51,23 @@ class GuestTimeout(GuestError):
 class Guest(Protocol):
     """A booted guest the harness can drive."""
 
-    def run(self, command: str, *, timeout_s: float) -> CommandResult:
-        """Run ``command`` in the guest's shell; raise GuestTimeout past ``timeout_s``."""
+    def run(
+        self, command: str, *, timeout_s: float, abort_if: AbortCheck | None = None
+    ) -> CommandResult:
+        """Run ``command`` in the guest's shell; raise GuestTimeout past ``timeout_s``.
+
+        Raises GuestLost if the connection drops mid-command, and GuestGone as
+        soon as ``abort_if()`` (polled about once a second) returns a reason.
+        """
+        ...
+
+    def reconnect(self, deadline_s: float) -> None:
+        """Connect again (after GuestLost), retrying until ``deadline_s``; GuestError if not."""
+        ...
+
+    def kill_phase(self, token: int, phase: int) -> int:
+        """Kill what is left of ``phase_command(..., token, phase)`` (its whole process
+        group); returns how many processes were signalled."""
         ...
 
     def put(self, local: Path, remote: str) -> None:

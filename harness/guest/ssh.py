@@ -22,12 +22,22 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from harness.guest.base import CommandResult, GuestError, GuestTimeout
+from harness.guest.base import (
+    AbortCheck,
+    CommandResult,
+    GuestError,
+    GuestGone,
+    GuestLost,
+    GuestTimeout,
+)
 
 #: Errors that mean "sshd is not up yet / the link blipped", worth another try.
 TRANSIENT = (OSError, EOFError, paramiko.SSHException)
 
 MARKER_TOOL = "/usr/local/bin/kvm-marker"
+
+#: How often ``run`` asks its ``abort_if`` whether the guest is still there.
+ABORT_POLL_S = 1.0
 
 # QEMU's user-mode network accepts TCP before the guest's sshd listens, so
 # every early attempt ends in "Error reading SSH protocol banner", which
@@ -48,9 +58,16 @@ class _StopWhen(stop_base):
 class SshGuest:
     """A Linux guest reached on a 127.0.0.1 port forward. Implements ``Guest``."""
 
-    def __init__(self, client: paramiko.SSHClient, host: str, port: int) -> None:
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        host: str,
+        port: int,
+        again: Callable[[float], paramiko.SSHClient] | None = None,
+    ) -> None:
         self._client = client
         self.host, self.port = host, port
+        self._again = again  # a new client to the same guest, retried until the deadline
 
     @classmethod
     def connect(
@@ -70,57 +87,30 @@ class SshGuest:
         built; any other key is rejected (never AutoAddPolicy). Retries also
         end as soon as ``stop_if()`` is true (the run is being torn down).
         """
-        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
-        key_type, key_b64 = host_key.split()[:2]
-        known = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
+        def again(deadline: float) -> paramiko.SSHClient:
+            return _connect_client(host, port, user, key_file, host_key, deadline, stop_if)
 
-        def attempt() -> paramiko.SSHClient:
-            client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            name = host if port == 22 else f"[{host}]:{port}"
-            client.get_host_keys().add(name, known.get_name(), known)
-            try:
-                client.connect(
-                    host,
-                    port=port,
-                    username=user,
-                    pkey=pkey,
-                    timeout=5,
-                    banner_timeout=10,
-                    auth_timeout=10,
-                    allow_agent=False,
-                    look_for_keys=False,
-                )
-            except paramiko.BadHostKeyException as exc:
-                client.close()
-                # Not transient: a different machine answered. Never retried.
-                raise GuestError(f"host key mismatch on {host}:{port}: {exc}") from exc
-            except BaseException:
-                client.close()
-                raise
-            return client
+        return cls(again(deadline_s), host, port, again)
 
-        try:
-            for try_ in Retrying(
-                retry=retry_if_exception_type(TRANSIENT),
-                stop=stop_any(stop_after_delay(deadline_s), _StopWhen(stop_if)),
-                wait=wait_exponential(multiplier=0.2, max=2),
-                reraise=False,
-            ):
-                with try_:
-                    client = attempt()
-        except RetryError as exc:
-            last = exc.last_attempt.exception()
-            raise GuestError(
-                f"no SSH on {host}:{port} after {deadline_s:.0f} s: {last!r}"
-            ) from last
-        return cls(client, host, port)
+    def reconnect(self, deadline_s: float) -> None:
+        """Drop the old connection and connect again, retrying until ``deadline_s``."""
+        if self._again is None:
+            raise GuestError(f"SSH to {self.host}:{self.port}: no way to reconnect")
+        self._client.close()
+        self._client = self._again(deadline_s)
 
-    def run(self, command: str, *, timeout_s: float) -> CommandResult:
-        """Run ``command``; a non-zero exit is returned, never retried or raised."""
+    def run(
+        self, command: str, *, timeout_s: float, abort_if: AbortCheck | None = None
+    ) -> CommandResult:
+        """Run ``command``; a non-zero exit is returned, never retried or raised.
+
+        A connection that drops before the exit status arrived raises GuestLost
+        (never a made-up exit status); ``abort_if`` is asked about once a
+        second and a reason from it raises GuestGone.
+        """
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
-            raise GuestError(f"SSH connection to {self.host}:{self.port} is closed")
+            raise GuestLost(f"SSH connection to {self.host}:{self.port} is closed")
         try:
             chan = transport.open_session(timeout=10)
         except TRANSIENT as exc:
@@ -128,6 +118,7 @@ class SshGuest:
         out, err = bytearray(), bytearray()
         start = time.monotonic_ns()
         deadline = start + int(timeout_s * 1e9)
+        next_check = time.monotonic() + ABORT_POLL_S
         try:
             chan.exec_command(command)
             chan.settimeout(0.2)
@@ -149,10 +140,29 @@ class SshGuest:
                         out.decode(errors="replace"),
                         err.decode(errors="replace"),
                     )
+                if abort_if is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + ABORT_POLL_S
+                    if (why := abort_if()) is not None:
+                        raise GuestGone(why)
                 with contextlib.suppress(TimeoutError):
                     out += chan.recv(65536)
             status = chan.recv_exit_status()
+            if status == -1:
+                # paramiko's "no exit status": the channel closed without one.
+                if not transport.is_active():
+                    raise GuestLost(
+                        f"the SSH connection to {self.host}:{self.port} dropped while "
+                        f"{command!r} ran; its outcome is unknown"
+                    )
+                raise GuestError(
+                    f"{command!r} ended without an exit status (killed by a signal?)"
+                )
         except TRANSIENT as exc:
+            if not transport.is_active():
+                raise GuestLost(
+                    f"the SSH connection to {self.host}:{self.port} dropped while "
+                    f"{command!r} ran ({exc!r}); its outcome is unknown"
+                ) from exc
             raise GuestError(f"SSH failed while running {command!r}: {exc!r}") from exc
         finally:
             chan.close()
@@ -160,6 +170,27 @@ class SshGuest:
         return CommandResult(
             status, out.decode(errors="replace"), err.decode(errors="replace"), start, end
         )
+
+    def kill_phase(self, token: int, phase: int) -> int:
+        """SIGKILL the process group of what is left of that phase's command.
+
+        sshd starts every session in its own session (setsid), so the group of
+        the phase's ``sh -c`` holds the whole workload. The bracket in the
+        pattern keeps this command's own shell from matching it.
+        """
+        pattern = shlex.quote(f"[k]vm-marker {token} {phase};")  # matches "kvm-marker T N;"
+        script = (
+            f"n=0; for p in $(pgrep -f {pattern}); do "
+            "g=$(ps -o pgid= -p $p | tr -d ' '); "
+            '[ -n "$g" ] && kill -KILL -- -$g 2>/dev/null && n=$((n+1)); '
+            "done; echo $n"
+        )
+        out = self.run(script, timeout_s=30)
+        try:
+            return int(out.stdout.split()[-1])
+        except (IndexError, ValueError):
+            return 0
+
 
     def put(self, local: Path, remote: str) -> None:
         """Copy ``local`` to ``remote`` over SFTP."""
@@ -186,3 +217,60 @@ class SshGuest:
     def close(self) -> None:
         """Close the SSH connection."""
         self._client.close()
+
+
+def _connect_client(
+    host: str,
+    port: int,
+    user: str,
+    key_file: Path,
+    host_key: str,
+    deadline_s: float,
+    stop_if: Callable[[], bool] | None,
+) -> paramiko.SSHClient:
+    """A connected client, retrying transient failures until ``deadline_s`` (see connect)."""
+    pkey = paramiko.Ed25519Key.from_private_key_file(str(key_file))
+    key_type, key_b64 = host_key.split()[:2]
+    known = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
+
+    def attempt() -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        name = host if port == 22 else f"[{host}]:{port}"
+        client.get_host_keys().add(name, known.get_name(), known)
+        try:
+            client.connect(
+                host,
+                port=port,
+                username=user,
+                pkey=pkey,
+                timeout=5,
+                banner_timeout=10,
+                auth_timeout=10,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            # Not transient: a different machine answered. Never retried.
+            raise GuestError(f"host key mismatch on {host}:{port}: {exc}") from exc
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    try:
+        for try_ in Retrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            stop=stop_any(stop_after_delay(deadline_s), _StopWhen(stop_if)),
+            wait=wait_exponential(multiplier=0.2, max=2),
+            reraise=False,
+        ):
+            with try_:
+                client = attempt()
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise GuestError(
+            f"no SSH on {host}:{port} after {deadline_s:.0f} s: {last!r}"
+        ) from last
+    return client

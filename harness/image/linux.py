@@ -13,12 +13,16 @@ DHCP): under TCG this answers SSH in seconds instead of half a minute.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -36,7 +40,7 @@ RECIPE_DIR = paths.VM_IMAGES_DIR / "linux"
 RECIPE_FILE = RECIPE_DIR / "recipe.toml"
 MANIFEST_NAME = "image.json"
 #: Bump when the build logic in this module changes what ends up in the image.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: entries carry SHA256SUMS, verified on every lookup
 #: Guest tools compiled on the host (static) and installed in /usr/local/bin.
 GUEST_TOOL_SOURCES = {
     name: paths.GUEST_TOOLS_DIR / f"{name}.c"
@@ -207,10 +211,16 @@ def recipe_digest() -> str:
     return image_cache.recipe_digest(recipe_files(), extra=f"linux-image-format={BUILD_FORMAT}")
 
 
-def cached_linux_image(cache: Path | None = None) -> LinuxImage | None:
-    """Return the cached image for the current recipe, or None if not built yet."""
+def cached_linux_image(
+    cache: Path | None = None, *, rejected: Progress | None = None
+) -> LinuxImage | None:
+    """Return the cached image for the current recipe, or None if not built yet.
+
+    An entry whose files do not match the sums written at build time is not
+    returned (``rejected`` is told why): a damaged image is rebuilt, never booted.
+    """
     digest = recipe_digest()
-    directory = image_cache.lookup(IMAGE_NAME, digest, cache)
+    directory = image_cache.lookup(IMAGE_NAME, digest, cache, rejected=rejected)
     if directory is None:
         return None
     try:
@@ -223,16 +233,30 @@ def cached_linux_image(cache: Path | None = None) -> LinuxImage | None:
 
 
 def build_linux_image(
-    cache: Path | None = None, *, force: bool = False, progress: Progress | None = None
+    cache: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> LinuxImage:
     """Build the Linux guest image (or return the cached one unless ``force``).
 
     Needs root (debootstrap, device nodes), network access to the Debian mirror
     apt uses, and debootstrap, e2fsprogs, qemu-utils, openssh-client and gcc.
     Takes about a minute; downloaded packages are kept in ``<cache>/debs``.
+    Once ``cancel`` is set the build stops (ImageBuildError), its staging
+    directory removed.
     """
+    _build_ctx.cancel = cancel
+    try:
+        return _build_or_lookup(cache, force, progress)
+    finally:
+        _build_ctx.cancel = None
+
+
+def _build_or_lookup(cache: Path | None, force: bool, progress: Progress | None) -> LinuxImage:
     say = progress or (lambda _msg: None)
-    if not force and (image := cached_linux_image(cache)) is not None:
+    if not force and (image := cached_linux_image(cache, rejected=say)) is not None:
         return image
     recipe = load_recipe()
     _check_host()
@@ -279,15 +303,54 @@ def _which(tool: str) -> str | None:
     return shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + extra)
 
 
+#: The build of this thread: the event that stops it (a run being torn down), if any.
+_build_ctx = threading.local()
+_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # in the child between fork and exec: no imports, no locks
+    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = None) -> None:
-    """Run one build command, appending its output to ``log``; raise naming the step."""
+    """Run one build command, appending its output to ``log``; raise naming the step.
+
+    The command runs in its own process group, which is killed whole when the
+    build is interrupted (KeyboardInterrupt, SIGTERM turned into an exception,
+    the run's cancel event), so no debootstrap keeps writing into a staging
+    directory that is being removed. It also dies with its thread (PDEATHSIG:
+    the thread waits here for as long as the command runs), so a SIGKILLed
+    harness does not leave it running either.
+    """
     exe = _which(argv[0]) or argv[0]
+    cancel: threading.Event | None = getattr(_build_ctx, "cancel", None)
     with log.open("ab") as fh:
         fh.write(f"\n$ {' '.join(argv)}\n".encode())
         fh.flush()
-        proc = subprocess.run(
-            [exe, *argv[1:]], stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, check=False
+        proc = subprocess.Popen(
+            [exe, *argv[1:]],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+        try:
+            while True:
+                try:
+                    proc.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        raise ImageBuildError(
+                            f"{step} stopped: the run is being torn down"
+                        ) from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise ImageBuildError(

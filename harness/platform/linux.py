@@ -3,6 +3,24 @@
 Readiness is SSH answering. Each phase is one guest command bracketed by
 host markers (the harness's getpriority) and guest markers (``kvm-marker``,
 a cpuid); its trace is fetched from the tracer right after it ends.
+
+While a command runs, the harness watches the VM (its libvirt state and the
+console for a kernel panic). What happens after a phase that did not
+succeed (docs/RELIABILITY.md):
+
+* ``failed`` (non-zero exit): the rest of that repetition is not run (listed
+  in ``not_run``); the boot goes on with its next work item.
+* ``timeout``: the guest's state is unknown (the command may still run), so
+  the rest of the boot is skipped (recorded ``skipped`` with the reason) and
+  the VM destroyed; the suite goes on with its next boot.
+* ``error`` with the VM gone (destroyed, crashed, kernel panic) or the SSH
+  connection dropped and the guest not answering again: as a timeout.
+* ``error`` with the SSH connection dropped but the guest answering again
+  (reconnect, bounded): what is left of the phase's command is killed and the
+  boot goes on with its next work item.
+* libvirtd lost: as a timeout, and the run stops (no VM can be started or
+  destroyed on the lost connection; ``lifecycle.destroy`` destroys the domain
+  through a new connection, or kills its QEMU if no libvirtd answers).
 """
 
 from __future__ import annotations
@@ -17,7 +35,7 @@ from pathlib import Path
 import libvirt
 
 from harness import metrics, tracing
-from harness.guest.base import Guest, GuestError, GuestTimeout
+from harness.guest.base import AbortCheck, Guest, GuestError, GuestGone, GuestLost, GuestTimeout
 from harness.guest.ssh import SshGuest
 from harness.host.facts import choose_accelerator
 from harness.image import cache as image_cache
@@ -47,6 +65,13 @@ from harness.vm import configs, lifecycle
 from harness.vm.domain import DomainConfig
 
 TAIL_CHARS = 2000
+#: How long a guest whose SSH connection dropped gets to answer again.
+RECONNECT_S = 20.0
+#: After a dropped connection, how long the VM's state gets to show why (a destroyed
+#: domain closes its sockets a moment before libvirt reports it gone).
+GONE_GRACE_S = 3.0
+#: What a guest kernel prints on the console when it panics (at any loglevel).
+PANIC_LINE = "Kernel panic - not syncing"
 
 
 class LinuxPlatform:
@@ -74,10 +99,13 @@ class LinuxPlatform:
         """A session that boots ``plan.vm`` and runs its workloads over SSH."""
         return LinuxSession(self, ctx, plan)
 
-    def image(self, progress: Callable[[str], None]) -> LinuxImage:
-        """The default image, built once even when several VMs boot at the same time."""
+    def image(
+        self, progress: Callable[[str], None], cancel: threading.Event | None = None
+    ) -> LinuxImage:
+        """The default image, built once even when several VMs boot at the same time;
+        a build stops once ``cancel`` is set (the run is being torn down)."""
         with self._image_lock:
-            return build_linux_image(progress=progress)
+            return build_linux_image(progress=progress, cancel=cancel)
 
     def ssh_port(self) -> int:
         """A free loopback port no other VM of this process was given (they boot at once)."""
@@ -135,7 +163,7 @@ class LinuxSession:
         rep.step(
             f"vm {vm.name}: image linux: checking cache (builds from Debian packages on first use)"
         )
-        image = self.platform.image(rep.step)
+        image = self.platform.image(rep.step, state.cancel)
         token = state.new_token()
         record = VmRecord(
             name=vm.name,
@@ -198,15 +226,25 @@ class LinuxSession:
         return running
 
     def drive(self, tracer: Tracer | None) -> None:
-        """Every repetition of every workload, phase by phase, in order."""
+        """Every repetition of every workload, phase by phase, in order.
+
+        A work item that ends the boot (see the module docstring) leaves the
+        rest recorded as skipped; the teardown then destroys the VM.
+        """
         assert self._guest is not None and self._running is not None
         assert self.record is not None and self.target is not None
-        domain = self._running.domain
+        state, running = self.ctx.state, self._running
+        domain = running.domain
         memory_kib = self.plan.vm.memory_mib * 1024
-        for item in self.plan.items:
-            self.ctx.state.check_cancel()
-            _run_workload(
-                self.ctx.state,
+        console = ConsoleWatch(running.console_log)
+
+        def health() -> str | None:
+            return lifecycle.why_not_running(running) or console.panic()
+
+        for i, item in enumerate(self.plan.items):
+            state.check_cancel()
+            ended = _run_workload(
+                state,
                 self._guest,
                 item,
                 self.target,
@@ -215,10 +253,72 @@ class LinuxSession:
                 self.record,
                 lambda: tracing.kvm_stats(domain),
                 lambda percent: resize_memory(domain, memory_kib * percent // 100),
+                health,
             )
+            if ended is not None:
+                self._end_early(ended, self.plan.items[i + 1 :])
+                if lifecycle.LIBVIRTD_LOST in ended:
+                    raise lifecycle.VmError(
+                        f"VM {self.plan.name}: {ended}; the run stops: no VM can be started "
+                        "or destroyed on the lost connection (the harness destroys this "
+                        "domain through a new connection, or kills its QEMU if no libvirtd "
+                        "answers)"
+                    )
+                return
+
+    def _end_early(self, why: str, rest: tuple[WorkItem, ...]) -> None:
+        """Record why this boot ends here and every work item it will not run."""
+        state = self.ctx.state
+        assert self.record is not None
+        state.reporter.step(f"vm {self.plan.name}: ending this boot: {why}")
+        with state.lock:
+            self.record.ended_early = why
+            for item in rest:
+                state.result.runs.append(
+                    WorkloadRun(
+                        workload=item.workload.name,
+                        vm=item.run.vm,
+                        repetition=item.repetition,
+                        params={**item.workload.defaults(), **item.run.params},
+                        status="skipped",
+                        reason=f"not run: its boot ended early: {why}",
+                    )
+                )
+            state.save()
 
     def collect(self, snapshot: TraceSnapshot | None) -> None:
         """Nothing left: every phase fetched its trace when it ended."""
+
+
+class ConsoleWatch:
+    """Reads a guest's serial console log as it grows, looking for a kernel panic."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._tail = ""  # the last partial line, so a line split between reads is seen
+        self._found: str | None = None
+
+    def panic(self) -> str | None:
+        """None, or the panic line the guest kernel printed (once seen, always)."""
+        if self._found is None:
+            try:
+                with self.path.open("rb") as f:
+                    f.seek(self._offset)
+                    chunk = f.read().decode(errors="replace")
+                    self._offset = f.tell()
+            except OSError:
+                return None
+            text = self._tail + chunk
+            lines = text.split("\n")
+            self._tail = lines.pop()
+            for line in [*lines, self._tail]:
+                if PANIC_LINE in line:
+                    self._found = line.strip()
+                    break
+        if self._found is None:
+            return None
+        return f"the guest kernel panicked: console says {self._found!r}"
 
 
 def _copy_if_exists(src: Path, dest: Path) -> None:
@@ -259,7 +359,9 @@ def _run_workload(
     record: VmRecord,
     stats: Callable[[], dict[str, int] | None],
     resize: Callable[[int], None] | None = None,
-) -> None:
+    health: AbortCheck | None = None,
+) -> str | None:
+    """Run one repetition, phase by phase; None, or why the rest of the boot must not run."""
     workload, run = item.workload, item.run
     params = {**workload.defaults(), **run.params}
     wrun = WorkloadRun(
@@ -272,26 +374,95 @@ def _run_workload(
     with state.lock:
         state.result.runs.append(wrun)
         state.save()  # the file shows what is running, not only what finished
-    for spec in workload.phases:
+    for i, spec in enumerate(workload.phases):
         number = state.next_phase(boot_id)
         phase = run_linux_phase(
-            guest, workload, spec, params, number, target, tracer, stats, resize
+            guest, workload, spec, params, number, target, tracer, stats, resize, health=health
         )
         # A phase cut short by the teardown is not a measurement: leave it out.
         state.check_cancel()
+        ended = None
+        if phase.status != "ok":
+            ended = _after_failed_phase(state, guest, phase, target, number, record, health)
         if tracer is not None:
             tracing.trace_phase(state, tracer, target, phase, record)
         with state.lock:
             wrun.phases.append(phase)
             if phase.status != "ok":
                 wrun.status = "failed"
+                # Later phases of this repetition depend on this one.
+                wrun.not_run = [p.name for p in workload.phases[i + 1 :]]
+                wrun.reason = f"phase {spec.name} {phase.status}: {phase.error}"
             state.save()
         state.reporter.phase(wrun, phase)
         if phase.status != "ok":
-            return  # later phases of this repetition depend on this one
+            return ended
     with state.lock:
         wrun.status = "ok"
         state.save()
+    return None
+
+
+def _after_failed_phase(
+    state: RunState,
+    guest: Guest,
+    phase: PhaseResult,
+    target: TraceTarget,
+    number: int,
+    record: VmRecord,
+    health: AbortCheck | None,
+) -> str | None:
+    """After a phase that did not succeed: may this boot go on? None, or why not.
+
+    May add to ``phase.error`` what was found (the console log, a reconnect).
+    """
+    if phase.status == "failed":
+        return None  # the command ran and said no: the guest is as good as before
+    gone = health() if health is not None else None
+    if gone is not None:
+        phase.error = f"{phase.error} (console log: {record.console_log})"
+        return f"phase {phase.name}: the VM is gone: {gone}"
+    if phase.status == "timeout":
+        return (
+            f"phase {phase.name} timed out: the guest's state is unknown (its command may "
+            "still run), so this boot's remaining work is skipped and the VM destroyed"
+        )
+    # An error with the VM still there: the transport failed, the command's fate unknown.
+    try:
+        try:
+            guest.run("true", timeout_s=10)
+            how = "the SSH connection still worked"
+        except GuestError:
+            state.check_cancel()
+            guest.reconnect(RECONNECT_S)
+            how = "reconnected over SSH"
+        killed = guest.kill_phase(target.token, number)
+    except GuestError as exc:
+        state.check_cancel()
+        return (
+            f"phase {phase.name}: the SSH connection dropped and the guest did not answer "
+            f"SSH again within {RECONNECT_S:.0f} s ({exc})"
+        )
+    phase.error = (
+        f"{phase.error}; {how}, killed {killed} process group(s) left of the phase's "
+        "command; the boot goes on"
+    )
+    return None
+
+
+def _wait_for_reason(health: AbortCheck | None, grace_s: float) -> str | None:
+    """What ``health`` says within ``grace_s`` (None: the VM still looks fine)."""
+    if health is None:
+        return None
+    deadline = time.monotonic() + grace_s
+    while (why := health()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # "Shutting down" is libvirt on its way to "gone": wait a little for the final word.
+    settle = time.monotonic() + 5
+    while why is not None and "is shutting down" in why and time.monotonic() < settle:
+        time.sleep(0.2)
+        why = health() or why
+    return why
 
 
 def resize_memory(domain: libvirt.virDomain, kib: int, timeout_s: float = 180.0) -> None:
@@ -327,8 +498,14 @@ def run_linux_phase(
     tracer: Tracer | None,
     stats: Callable[[], dict[str, int] | None],
     resize: Callable[[int], None] | None = None,
+    *,
+    health: AbortCheck | None = None,
 ) -> PhaseResult:
     """Run one phase: host marker, guest command between guest markers, host marker.
+
+    ``health`` (None while the VM is fine, else what happened to it) is polled
+    while the command runs: a VM that went away ends the phase at once, as
+    ``error`` with that reason, not as a phase timeout or an SSH error.
 
     A phase with ``balloon_percent`` first has ``resize`` set the guest's memory
     (inside the phase, so the host's work for it is attributed to the phase).
@@ -340,6 +517,7 @@ def run_linux_phase(
         index=number, name=spec.name, command=command, started_at=datetime.now(UTC), status="error"
     )
     stats_before = stats()
+    lost: GuestLost | None = None
     start_ns = tracer.mark_phase(target, number) if tracer else time.monotonic_ns()
     try:
         if spec.balloon_percent is not None:
@@ -347,11 +525,17 @@ def run_linux_phase(
                 raise GuestError(f"phase {spec.name} resizes memory, but this VM cannot")
             resize(spec.balloon_percent)
         out = guest.run(
-            guest.phase_command(command, target.token, number), timeout_s=spec.timeout_s
+            guest.phase_command(command, target.token, number),
+            timeout_s=spec.timeout_s,
+            abort_if=health,
         )
     except GuestTimeout as exc:
         phase.status, phase.error = "timeout", str(exc)
         phase.stdout_tail, phase.stderr_tail = exc.stdout[-TAIL_CHARS:], exc.stderr[-TAIL_CHARS:]
+    except GuestGone as exc:
+        phase.status, phase.error = "error", f"the VM went away mid-phase: {exc}"
+    except GuestLost as exc:
+        phase.status, phase.error, lost = "error", str(exc), exc
     except GuestError as exc:
         phase.status, phase.error = "error", str(exc)
     else:
@@ -362,6 +546,9 @@ def run_linux_phase(
         if out.exit_status != 0:
             phase.error = f"exit status {out.exit_status}"
     end_ns = tracer.mark_phase(target, 0) if tracer else time.monotonic_ns()
+    # A destroyed domain drops the connection a moment before libvirt says so.
+    if lost is not None and (why := _wait_for_reason(health, GONE_GRACE_S)) is not None:
+        phase.error = f"the VM went away mid-phase: {why} ({lost})"
     phase.start_ns, phase.end_ns = start_ns, end_ns
     phase.duration_s = round((end_ns - start_ns) / 1e9, 6)
     stats_after = stats()

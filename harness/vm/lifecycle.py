@@ -9,7 +9,9 @@ find and reap anything a killed run left (overlays, run directories).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -177,15 +179,115 @@ def wait_stopped(
     return False
 
 
+def connection_lost(exc: libvirt.libvirtError) -> bool:
+    """Whether ``exc`` says the connection to libvirtd is gone (not the domain)."""
+    return exc.get_error_domain() == libvirt.VIR_FROM_RPC or "client socket is closed" in str(exc)
+
+
+#: How a reason from ``why_not_running`` starts when libvirtd itself is gone.
+LIBVIRTD_LOST = "lost the connection to libvirtd"
+#: Where libvirt's QEMU driver logs each domain's start and end ("shutting down, reason=...").
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+
+
+def shutdown_reason(name: str) -> str | None:
+    """libvirt's own word for how domain ``name`` ended (destroyed, crashed, shutdown ...)."""
+    try:
+        text = (QEMU_LOG_DIR / f"{name}.log").read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"shutting down, reason=(\w+)", text)
+    return found[-1] if found else None
+
+
+def why_not_running(vm: RunningVm) -> str | None:
+    """None while the domain runs; else what happened to it, in words, for a result file.
+
+    Tells a lost libvirtd connection (the domain's state is then unknown) from a
+    domain that is gone (destroyed from outside, QEMU exited) or stopped.
+    """
+    try:
+        state, reason = vm.domain.state()
+    except libvirt.libvirtError as exc:
+        if connection_lost(exc):
+            return (
+                f"{LIBVIRTD_LOST} ({exc}): libvirtd stopped or restarted; "
+                f"the state of domain {vm.name} is unknown"
+            )
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            said = shutdown_reason(vm.name)
+            how = f"libvirt logged 'shutting down, reason={said}'" if said else "no libvirt log"
+            return (
+                f"domain {vm.name} is gone: destroyed from outside the harness, or QEMU "
+                f"(pid {vm.pid}) exited ({how})"
+            )
+        return f"cannot ask libvirt about domain {vm.name}: {exc}"
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return None
+    names = {
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by the guest",
+    }
+    return f"domain {vm.name} is {names.get(state, f'in state {state}')} (reason code {reason})"
+
+
 def destroy(vm: RunningVm) -> None:
-    """Stop the domain and delete its overlay; safe to call twice."""
+    """Stop the domain and delete its overlay; safe to call twice.
+
+    If the libvirtd connection was lost (libvirtd restarted: its AUTODESTROY no
+    longer applies, and a restarted libvirtd re-adopts the running QEMU), a new
+    connection destroys the domain; with no libvirtd answering, QEMU is killed.
+    """
     try:
         if vm.domain.isActive():
             vm.domain.destroy()
-    except libvirt.libvirtError:
-        pass  # already gone: transient domains disappear when QEMU exits
+    except libvirt.libvirtError as exc:
+        # Otherwise already gone: transient domains disappear when QEMU exits.
+        if connection_lost(exc):
+            _destroy_without_connection(vm)
     if vm.overlay is not None:
         vm.overlay.unlink(missing_ok=True)
+
+
+def _destroy_without_connection(
+    vm: RunningVm, reconnect_s: float = 5.0, wait_s: float = 10.0
+) -> None:
+    deadline = time.monotonic() + reconnect_s
+    while _is_qemu_of(vm.pid, vm.name):
+        try:
+            conn = libvirt.open("qemu:///system")
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                break  # no libvirtd answers: QEMU is killed below
+            time.sleep(0.5)
+            continue
+        try:
+            dom = conn.lookupByName(vm.name)  # a restarted libvirtd re-adopts running QEMUs
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError:
+            pass  # it does not know the domain: QEMU is killed below
+        finally:
+            conn.close()
+        break
+    if _is_qemu_of(vm.pid, vm.name):
+        os.kill(vm.pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while _is_qemu_of(vm.pid, vm.name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _is_qemu_of(pid: int, name: str) -> bool:
+    """Whether ``pid`` is still the QEMU of domain ``name`` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return f"guest={name},".encode() in cmdline and "State:\tZ" not in status
 
 
 def console_tail(path: Path, lines: int = 15) -> str:
