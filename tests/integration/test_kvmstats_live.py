@@ -5,9 +5,7 @@ Also runs ``harness doctor``'s checks against the live host.
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -126,52 +124,6 @@ def test_qmp_stats_advance_and_debugfs_agrees_or_says_why(
         assert debugfs["exits"] == read_qmp_stats(qmp)["exits"]
 
 
-def test_insn_emulation_equals_traced_kvm_emulate_insn(boot_img: Path, tmp_path: Path) -> None:
-    _need("bpftrace", "qemu-system-x86_64")
-    prog = "tracepoint:kvm:kvm_emulate_insn { @e[pid, args->failed] = count(); }"
-    bt = subprocess.Popen(
-        ["bpftrace", "-f", "json", "-e", prog],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert bt.stdout is not None
-        while "attached_probes" not in bt.stdout.readline():
-            assert bt.poll() is None, "bpftrace exited before attaching"
-        qmp = tmp_path / "qmp.sock"
-        argv = [
-            "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none",
-            "-no-reboot", "-nodefaults", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-drive", f"file={boot_img},format=raw,if=floppy", "-boot", "a",
-        ]  # fmt: skip
-        q = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while not qmp.exists():
-                assert q.poll() is None
-                time.sleep(0.05)
-            before = read_qmp_stats(qmp)
-            _run_for(qmp, 1.0)
-            delta = diff(before, read_qmp_stats(qmp))
-        finally:
-            q.kill()
-            q.wait(timeout=10)
-    finally:
-        bt.send_signal(signal.SIGINT)
-        out, _ = bt.communicate(timeout=60)
-    maps: dict[str, int] = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
-            msg = json.loads(line)
-            if msg.get("type") == "map":
-                maps.update(msg["data"].get("@e", {}))
-    traced_ok = maps.get(f"{q.pid},0", 0)
-    traced_failed = maps.get(f"{q.pid},1", 0)
-    # Emulation after the final stop (none: vCPUs are stopped) would only make traced larger.
-    assert traced_ok == delta["insn_emulation"]
-    assert traced_failed == delta.get("insn_emulation_fail", 0)
-
-
 def test_doctor_live_host_has_no_required_failures() -> None:
     checks = run_checks()
     lines = render(checks)
@@ -179,11 +131,17 @@ def test_doctor_live_host_has_no_required_failures() -> None:
     assert required_failures(checks) == [], "\n".join(lines)
 
 
-def test_insn_emulation_equals_kvm_emulate_insn_traced_by_libbpf(
-    boot_img: Path, tmp_path: Path
+@pytest.mark.parametrize("backend", ["bpftrace", "libbpf"])
+def test_insn_emulation_equals_traced_kvm_emulate_insn(
+    boot_img: Path, tmp_path: Path, backend: str
 ) -> None:
-    """The same cross-check through the harness's libbpf backend (every emulation counted)."""
-    _need("qemu-system-x86_64", "clang", "bpftool")
+    """KVM's own insn_emulation(+_fail) = kvm_emulate_insn events, through each backend.
+
+    Through the harness's Tracer: a bare ``bpftrace -e`` once ignored SIGINT for
+    a minute (bpftrace 0.17 can take it on a thread that then sleeps) and,
+    left running, slowed the next tests' guests; the Tracer nudges and kills.
+    """
+    _need("qemu-system-x86_64", "bpftrace" if backend == "bpftrace" else "bpftool")
     from harness.trace import probes as P
     from harness.trace.program import TraceTarget
     from harness.trace.runner import Tracer
@@ -201,7 +159,7 @@ def test_insn_emulation_equals_kvm_emulate_insn_traced_by_libbpf(
             assert q.poll() is None
             time.sleep(0.05)
         with Tracer(P.select(["kvm_emulate_insn"]), [TraceTarget("floppy", q.pid, 0x77)],
-                    workdir=tmp_path / "trace", backend=make_backend("libbpf")) as tracer:
+                    workdir=tmp_path / "trace", backend=make_backend(backend)) as tracer:
             tracer.start()
             before = read_qmp_stats(qmp)
             _run_for(qmp, 1.0)
