@@ -58,6 +58,18 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
+/* Room for element n of a growable array: doubles its capacity (from first) when full. */
+static void *grow(void *arr, size_t *cap, size_t n, size_t elem, size_t first)
+{
+	if (n < *cap)
+		return arr;
+	*cap = *cap ? *cap * 2 : first;
+	arr = realloc(arr, *cap * elem);
+	if (!arr)
+		die("out of memory");
+	return arr;
+}
+
 static int libbpf_print(enum libbpf_print_level level, const char *fmt, va_list ap)
 {
 	if (level > LIBBPF_WARN)
@@ -217,12 +229,7 @@ static void load_ksyms(void)
 			continue;
 		if (type != 't' && type != 'T')
 			continue;
-		if (n_ksyms == cap) {
-			cap = cap ? cap * 2 : 65536;
-			ksyms = realloc(ksyms, cap * sizeof(*ksyms));
-			if (!ksyms)
-				die("out of memory");
-		}
+		ksyms = grow(ksyms, &cap, n_ksyms, sizeof(*ksyms), 65536);
 		ksyms[n_ksyms].addr = addr;
 		ksyms[n_ksyms++].name = strdup(name);
 	}
@@ -332,12 +339,7 @@ static void print_evt(struct kvmtrace *skel, const struct config *c)
 			key = next;
 			prev = &key;
 			__u64 v = percpu_sum(hfd, &key, buf);
-			if (n_rows == cap) {
-				cap = cap ? cap * 2 : 1024;
-				rows = realloc(rows, cap * sizeof(*rows));
-				if (!rows)
-					die("out of memory");
-			}
+			rows = grow(rows, &cap, n_rows, sizeof(*rows), 1024);
 			rows[n_rows].k = key;
 			rows[n_rows++].n = v;
 		}
@@ -363,12 +365,7 @@ static void print_evt(struct kvmtrace *skel, const struct config *c)
 				if (!memcmp(&rows[r].k, &k, sizeof(k)))
 					break;
 			if (r == n_rows) {
-				if (n_rows == cap) {
-					cap = cap ? cap * 2 : 1024;
-					rows = realloc(rows, cap * sizeof(*rows));
-					if (!rows)
-						die("out of memory");
-				}
+				rows = grow(rows, &cap, n_rows, sizeof(*rows), 1024);
 				rows[n_rows].k = k;
 				rows[n_rows++].n = 0;
 			}
@@ -417,7 +414,7 @@ static void print_lat(int fd)
 	__u64 buf[nr_cpus > 0 ? nr_cpus : 1];
 	/* (pid, g, h, id) -> counts per bucket; few keys, so a small linear table. */
 	struct row { __u32 k[4]; __u64 n[KVMT_LAT_BUCKETS]; } *rows = NULL;
-	size_t n_rows = 0;
+	size_t n_rows = 0, cap = 0;
 	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
 		key = next;
 		prev = &key;
@@ -429,9 +426,7 @@ static void print_lat(int fd)
 			if (!memcmp(rows[r].k, &key, sizeof(rows[r].k)))
 				break;
 		if (r == n_rows) {
-			rows = realloc(rows, (n_rows + 1) * sizeof(*rows));
-			if (!rows)
-				die("out of memory");
+			rows = grow(rows, &cap, n_rows, sizeof(*rows), 64);
 			memset(&rows[r], 0, sizeof(*rows));
 			memcpy(rows[r].k, &key, sizeof(rows[r].k));
 			n_rows++;
@@ -484,12 +479,7 @@ static void print_stacks(int fd, int stack_fd, unsigned depth)
 			if (!memcmp(&rows[r].k, &k, sizeof(k)))
 				break;
 		if (r == n_rows) {
-			if (n_rows == cap) {
-				cap = cap ? cap * 2 : 256;
-				rows = realloc(rows, cap * sizeof(*rows));
-				if (!rows)
-					die("out of memory");
-			}
+			rows = grow(rows, &cap, n_rows, sizeof(*rows), 256);
 			rows[n_rows].k = k;
 			rows[n_rows++].n = 0;
 		}
