@@ -237,6 +237,42 @@ def image_build(name: str, force: bool) -> None:
 
 
 @main.group()
+def cache() -> None:
+    """Look after the cache (HARNESS_CACHE, default /var/cache/kvm-harness)."""
+
+
+@cache.command("prune")
+@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
+def cache_prune(dry_run: bool) -> None:
+    """Remove images of other recipes, loaders of other kernels, and dead builds' leftovers.
+
+    What a live process still uses (the base disk of a running VM, a running
+    loader) is kept. The current image and loader, downloaded packages and
+    run directories (reaped by the next run) are never touched.
+    """
+    from harness.image import cache as image_cache
+    from harness.image.linux import IMAGE_NAME, recipe_digest
+    from harness.trace import libbpf
+
+    found = image_cache.prunable({IMAGE_NAME: recipe_digest()}) + libbpf.prunable_builds()
+    freed = kept = 0
+    for entry in found:
+        size = f"{entry.size / 1e6:.1f} MB"
+        if entry.in_use_by is not None:
+            kept += 1
+            click.echo(f"kept         {entry.path} ({size}): {entry.why}; "
+                       f"in use by pid {entry.in_use_by}")
+            continue
+        if not dry_run:
+            image_cache.remove(entry)
+        freed += entry.size
+        click.echo(f"{'would remove' if dry_run else 'removed':12} {entry.path} ({size}): "
+                   f"{entry.why}")
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{verb} {freed / 1e6:.1f} MB" + (f"; {kept} kept, in use" if kept else ""))
+
+
+@main.group()
 def vm() -> None:
     """Inspect the VMs a suite defines."""
 

@@ -23,11 +23,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from harness import paths
-from harness.host.process import pid_alive
+from harness.host.process import pid_alive, users_of
+from harness.host.prune import Prunable, tree_size, user_of
 
 #: Directories the QEMU user must be able to traverse and read.
 DIR_MODE = 0o755
@@ -228,3 +229,49 @@ def _make_traversable(path: Path) -> None:
     mode = path.stat().st_mode & 0o7777
     if mode & 0o555 != 0o555:
         path.chmod(mode | 0o555)
+
+
+def prunable(current: Mapping[str, str], cache: Path | None = None) -> list[Prunable]:
+    """Image entries no current recipe builds, and what dead builds left.
+
+    ``current`` maps an image name to its current recipe digest. An entry of a
+    name not in ``current`` is left alone (another harness version may own
+    it); staging directories count once their builder is dead. Entries a live
+    process uses (QEMU's base disk of a running VM) are listed as kept.
+    """
+    root = images_root(cache)
+    users = users_of(root)
+    out: list[Prunable] = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir():
+            continue
+        why = _why_prunable(d, current)
+        if why is None:
+            continue
+        out.append(Prunable(d, tree_size(d), why, user_of(d, users)))
+    return out
+
+
+def _why_prunable(d: Path, current: Mapping[str, str]) -> str | None:
+    if d.name.startswith("."):
+        if _STAGING_MARK in d.name:
+            pid_text = d.name.rsplit(_STAGING_MARK, 1)[1]
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
+                return f"staging directory of a build that died (pid {pid_text})"
+            return None
+        if ".old-" in d.name:
+            pid_text = d.name.rsplit(".old-", 1)[1]
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
+                return f"a replaced entry left by a forced rebuild that died (pid {pid_text})"
+        return None
+    name, _, short = d.name.rpartition("-")
+    digest = current.get(name)
+    if digest is None or short == digest[:SHORT_DIGEST]:
+        return None
+    now = digest[:SHORT_DIGEST]
+    return f"built from another recipe of {name} ({short}; the current one is {now})"
+
+
+def remove(entry: Prunable) -> None:
+    """Delete a prunable directory (mounts below it detached first: a killed debootstrap)."""
+    _remove_tree(entry.path)

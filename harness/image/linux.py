@@ -14,7 +14,6 @@ DHCP): under TCG this answers SSH in seconds instead of half a minute.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import paths
+from harness.host.process import die_with_parent
 from harness.image import cache as image_cache
 
 IMAGE_NAME = "linux"
@@ -305,14 +305,6 @@ def _which(tool: str) -> str | None:
 
 #: The build of this thread: the event that stops it (a run being torn down), if any.
 _build_ctx = threading.local()
-_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # in the child between fork and exec: no imports, no locks
-    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = None) -> None:
     """Run one build command, appending its output to ``log``; raise naming the step.
 
@@ -334,7 +326,7 @@ def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = Non
             stderr=subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         try:
             while True:

@@ -218,7 +218,9 @@ class LinuxSession:
             balloon=vm.balloon,
         )
         state.reporter.step(f"vm {vm.name}: starting {record.domain}")
-        running = lifecycle.start(self.ctx.conn, with_host_memory(cfg, self.ctx))
+        running = lifecycle.start_forwarded(
+            self.ctx.conn, with_host_memory(cfg, self.ctx), self.platform.ssh_port
+        )
         # The run directory is deleted at the end; the console log is evidence.
         teardown.callback(_copy_if_exists, console, kept)
         teardown.callback(lifecycle.destroy, running)

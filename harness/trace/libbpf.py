@@ -27,11 +27,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from harness.host.process import users_of
+from harness.host.prune import Prunable, tree_size, user_of
 from harness.paths import cache_dir
 from harness.trace.probes import CATALOGUE, MARKER_PROBE, HostView, Probe, ProbeStatus
 from harness.trace.program import (
@@ -172,6 +175,38 @@ def build(cache_root: Path | None = None, *, force: bool = False) -> LibbpfBuild
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return LibbpfBuild(loader=entry / LOADER_NAME, digest=digest, btf=btf)
+
+
+def prunable_builds(cache_root: Path | None = None) -> list[Prunable]:
+    """Loader builds this kernel and these sources do not use, and dead builds' leftovers.
+
+    A build for another kernel (an A/B host boots both) is listed too: it is
+    rebuilt in seconds on first use. With the backend unavailable here (no
+    BTF, no tools) the current build is unknown, and only leftovers count.
+    """
+    root = (cache_root if cache_root is not None else cache_dir()) / "libbpf"
+    if not root.is_dir():
+        return []
+    try:
+        current: str | None = build_digest(btf_path())[:SHORT_DIGEST]
+    except (OSError, LibbpfUnavailable):
+        current = None
+    users = users_of(root)
+    day_ago = time.time() - 86400
+    out: list[Prunable] = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name == current:
+            continue
+        if d.name.startswith("."):  # mkdtemp of a build: removed by it unless it was killed
+            if d.stat().st_mtime > day_ago:
+                continue
+            why = "a build directory older than a day (its build was killed)"
+        elif current is None:
+            continue
+        else:
+            why = f"a loader for another kernel or older sources (this one is {current})"
+        out.append(Prunable(d, tree_size(d), why, user_of(d, users)))
+    return out
 
 
 def _complete(entry: Path, digest: str) -> bool:

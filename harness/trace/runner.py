@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import ctypes
 import errno
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
+from harness.host.process import die_with_parent
 from harness.trace.backend import Backend, BpftraceBackend, Choice, choose
 from harness.trace.libbpf import LibbpfUnavailable
 from harness.trace.model import ProbeNotAttached, TracerStatus, TraceSummary
@@ -83,12 +83,6 @@ def host_marker(which: int, who: int) -> None:
             raise
     else:  # pragma: no cover - would mean the kernel accepts this `which`
         raise TracerError(f"getpriority({which:#x}, ...) succeeded; host markers would be lost")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 class Tracer:
@@ -170,7 +164,7 @@ class Tracer:
             env=env,
             start_new_session=True,  # Ctrl-C of the harness must not hit bpftrace directly
             # PDEATHSIG follows the *thread* that forked: only safe from the main thread.
-            preexec_fn=_die_with_parent if main else None,
+            preexec_fn=die_with_parent if main else None,
         )
         _live.add(self)
         assert self._proc.stdout is not None and self._proc.stderr is not None

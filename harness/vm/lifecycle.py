@@ -18,7 +18,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import libvirt
@@ -117,6 +117,34 @@ def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) 
         cfg.ssh_port,
         time.monotonic_ns(),
     )
+
+
+#: QEMU's words when the forward's host port is bound by somebody else.
+PORT_TAKEN = "Could not set up host forwarding rule"
+
+
+def start_forwarded(
+    conn: libvirt.virConnect,
+    cfg: DomainConfig,
+    port: Callable[[], int] = free_port,
+    *,
+    attempts: int = 4,
+    paused: bool = False,
+) -> RunningVm:
+    """Start ``cfg``; if its SSH forward's port was taken meanwhile, again on ``port()``.
+
+    Finding a free port and QEMU binding it are not one step: another run on
+    the host may bind the port in between, and QEMU then exits at start
+    (PORT_TAKEN). A port is cheap, so try another; any other error is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return start(conn, cfg, paused=paused)
+        except VmError as exc:
+            if PORT_TAKEN not in str(exc) or attempt == attempts:
+                raise
+            cfg = replace(cfg, ssh_port=port())
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def with_owner(xml: str, pid: int) -> str:

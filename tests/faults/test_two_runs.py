@@ -12,24 +12,32 @@ guest: every marker seen once, emulated instructions equal to the phase's
 loop count, see tests/integration/test_run_micro.py), with nothing of one
 in the other's result.
 
-A residual risk seen while writing this (see the report of this test and
-docs/RELIABILITY.md): host markers (``getpriority`` from the harness) select
-their VM by token only and dump requests by session only, both random 16-bit
-numbers, and neither is filtered by the calling harness's pid. Two runs at
-once collide with a chance of about 1 in 65535 per pair of VMs (token) and
-per pair of tracers (session); the asserts on distinct tokens and sessions
-below would then fail and name it.
+Host markers and dump requests count only from the process that placed
+the tracer, so the two runs' tracers ignore each other's (also with equal
+tokens or sessions); the asserts on distinct tokens and sessions below check
+that the random choices did not collide in this instance. A forward's port
+taken by the other run between its choice and QEMU's bind makes QEMU refuse
+to start; the harness then takes another port (last test).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import re
+import shutil
+import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.image.linux import LinuxImage
+from harness.paths import cache_dir
+from harness.vm import configs, lifecycle
 from tests.faults.helpers_a import (
     MICRO_SUITE,
     assert_nothing_left,
@@ -50,6 +58,11 @@ from tests.faults.helpers_a import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def shared_image() -> LinuxImage:
+    return shared_linux_image()
 
 
 @pytest.fixture
@@ -169,3 +182,60 @@ def test_two_linux_runs_at_once(tmp_path: Path, cache: Path) -> None:
     assert len(pa) == len(pb) == 1 and not pa & pb, f"SSH forwards collided: {pa} {pb}"
     for r in (a, b):
         assert_nothing_left(r["run_id"], cache)
+
+
+def test_a_taken_forward_port_is_replaced(shared_image: LinuxImage) -> None:
+    """The port chosen for the SSH forward is bound by somebody else when QEMU starts
+    (another run took it in between): the domain starts on another port, QEMU listens
+    there, and any other start error is raised unchanged."""
+    work = Path(tempfile.mkdtemp(prefix="port-", dir=cache_dir()))  # QEMU must reach it
+    work.chmod(0o755)
+    with contextlib.ExitStack() as cleanup, socket.socket() as squatter:
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        overlay = work / "port.qcow2"
+        lifecycle.create_overlay(shared_image.disk, overlay)
+        cfg = configs.linux_config(
+            name=f"{lifecycle.DOMAIN_PREFIX}test-port-{os.getpid()}",
+            accelerator="tcg",
+            memory_mib=256,
+            vcpus=1,
+            kernel=shared_image.kernel,
+            initrd=shared_image.initrd,
+            cmdline=shared_image.cmdline,
+            overlay=overlay,
+            console_log=work / "port.log",
+            ssh_port=taken,
+        )
+        given: list[int] = []
+
+        def port() -> int:
+            given.append(lifecycle.free_port())
+            return given[-1]
+
+        conn = lifecycle.connect()
+        try:
+            vm = lifecycle.start_forwarded(conn, cfg, port, paused=True)
+            try:
+                assert given and vm.ssh_port == given[-1] != taken, (given, vm.ssh_port)
+                assert f"127.0.0.1:{vm.ssh_port}-:22" in " ".join(qemu_cmdline(vm.pid))
+                socket.create_connection(("127.0.0.1", vm.ssh_port), timeout=5).close()
+            finally:
+                lifecycle.destroy(vm)
+            given.clear()
+            broken = dataclasses.replace(
+                cfg, ssh_port=lifecycle.free_port(),
+                boot=dataclasses.replace(cfg.boot, kernel=work / "no-such-kernel"),
+            )
+            with pytest.raises(lifecycle.VmError, match="libvirt refused to start") as exc:
+                lifecycle.start_forwarded(conn, broken, port, paused=True)
+            assert lifecycle.PORT_TAKEN not in str(exc.value) and not given
+        finally:
+            conn.close()
+
+
+def qemu_cmdline(pid: int) -> list[str]:
+    """A live process's argv."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
