@@ -13,11 +13,13 @@ slowdown at most 5% where the peer's is larger. The main modes also run with
 every QEMU thread pinned to each CPU in turn (``-cpuN``): bpftrace's perf
 events are bound to CPU 0, so where QEMU runs changes its cost.
 
-Seen here (PVM host, about 1.4 M events a run, nearly all kvm_emulate_insn):
-the default probe set costs nothing measurable; the full set costs about 2x,
-the peer about 1.45x. Per event, the cost is the tracepoint firing into BPF
-(bpftrace 0.17 attaches through perf, copying the event record), not the map
-update: cutting three map updates to one moved 2.18x to 2.08x.
+Seen here (PVM host, about 1.4 M events a run, nearly all kvm_emulate_insn,
+medians of ten `tox -e bench` runs): the default probe sets of both backends
+cost nothing measurable; every probe on costs 1.10-1.13x through libbpf
+(tp_btf, one per-CPU update per event: about 80 ns per event, best runs
+1.03x) against 1.6-2.05x through bpftrace 0.17 (its tracepoint: programs
+return 1, so every event also goes through a perf event bound to CPU 0) and
+about 1.45x for the tracefs peer.
 """
 
 from __future__ import annotations
