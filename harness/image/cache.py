@@ -198,13 +198,19 @@ def staging(name: str, digest: str, cache: Path | None = None) -> Iterator[Path]
 
 def _remove_stale_staging(final: Path) -> None:
     """Delete staging directories left by builds whose process is gone (killed)."""
-    prefix = f".{final.name}{_STAGING_MARK}"
-    for d in final.parent.glob(f"{prefix}*"):
-        pid_text = d.name[len(prefix) :]
-        if pid_text.isdigit() and not pid_alive(int(pid_text)):
+    for d in final.parent.glob(f".{final.name}{_STAGING_MARK}*"):
+        if _dead_owner(d, _STAGING_MARK) is not None:
             _remove_tree(d)
     for d in final.parent.glob(f".{final.name}.old-*"):
         _remove_tree(d)
+
+
+def _dead_owner(d: Path, mark: str) -> int | None:
+    """The pid after ``mark`` in ``d``'s name (``.<entry><mark><pid>``) if that process is gone."""
+    if mark not in d.name:
+        return None
+    pid_text = d.name.rsplit(mark, 1)[1]
+    return int(pid_text) if pid_text.isdigit() and not pid_alive(int(pid_text)) else None
 
 
 def _remove_tree(path: Path) -> None:
@@ -254,15 +260,10 @@ def prunable(current: Mapping[str, str], cache: Path | None = None) -> list[Prun
 
 def _why_prunable(d: Path, current: Mapping[str, str]) -> str | None:
     if d.name.startswith("."):
-        if _STAGING_MARK in d.name:
-            pid_text = d.name.rsplit(_STAGING_MARK, 1)[1]
-            if pid_text.isdigit() and not pid_alive(int(pid_text)):
-                return f"staging directory of a build that died (pid {pid_text})"
-            return None
-        if ".old-" in d.name:
-            pid_text = d.name.rsplit(".old-", 1)[1]
-            if pid_text.isdigit() and not pid_alive(int(pid_text)):
-                return f"a replaced entry left by a forced rebuild that died (pid {pid_text})"
+        if (pid := _dead_owner(d, _STAGING_MARK)) is not None:
+            return f"staging directory of a build that died (pid {pid})"
+        if (pid := _dead_owner(d, ".old-")) is not None:
+            return f"a replaced entry left by a forced rebuild that died (pid {pid})"
         return None
     name, _, short = d.name.rpartition("-")
     digest = current.get(name)

@@ -305,6 +305,8 @@ def _which(tool: str) -> str | None:
 
 #: The build of this thread: the event that stops it (a run being torn down), if any.
 _build_ctx = threading.local()
+
+
 def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = None) -> None:
     """Run one build command, appending its output to ``log``; raise naming the step.
 
