@@ -81,6 +81,12 @@ def main() -> None:
     help="Apply the suite's [[host_configs]] one after another (see `harness host plan`); "
     "the host is restored after each.",
 )
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Run only shard K of N of the suite's runs (deterministic; shards 1..N cover every "
+    "run once; docs/REPORTS.md).",
+)
 @SET_OPTION
 def run(
     suite: Path | None,
@@ -91,6 +97,7 @@ def run(
     stacks: str | None,
     backend: str | None,
     allow_host_changes: bool,
+    shard: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Run SUITE (default: workloads/suites/default.toml) and write its result JSON."""
@@ -98,6 +105,13 @@ def run(
     from harness.run import RunInterrupted, run_suite
 
     loaded = _load(suite, overrides)
+    if shard is not None:
+        from harness.shard import ShardError, parse_shard, select
+
+        try:
+            loaded = select(loaded, parse_shard(shard))
+        except ShardError as exc:
+            raise BadInput(f"--shard: {exc}") from None
     stack_probes = None
     if stacks is not None:
         stack_probes = [p.strip() for p in stacks.split(",") if p.strip()]
