@@ -20,6 +20,8 @@ class CommandResult:
     stderr: str
     start_ns: int  # time.monotonic_ns() on the host when the command was sent
     end_ns: int  # ... and when its exit status arrived
+    #: What was dropped from the middle of an output too large to keep (None: nothing).
+    dropped: str | None = None
 
     @property
     def duration_s(self) -> float:
@@ -43,8 +45,11 @@ class GuestGone(GuestError):
 class GuestTimeout(GuestError):
     """A command ran past its timeout; carries what it printed so far."""
 
-    def __init__(self, command: str, timeout_s: float, stdout: str, stderr: str) -> None:
-        super().__init__(f"guest command timed out after {timeout_s:.0f} s: {command}")
+    def __init__(
+        self, command: str, timeout_s: float, stdout: str, stderr: str, note: str | None = None
+    ) -> None:
+        extra = f" ({note})" if note else ""
+        super().__init__(f"guest command timed out after {timeout_s:.0f} s: {command}{extra}")
         self.stdout, self.stderr = stdout, stderr
 
 

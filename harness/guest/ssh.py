@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import shlex
 import time
@@ -26,18 +25,22 @@ from harness.guest.base import (
     AbortCheck,
     CommandResult,
     GuestError,
-    GuestGone,
     GuestLost,
-    GuestTimeout,
 )
+from harness.guest.output import BoundedOutput, CommandWatch, dropped_note
 
 #: Errors that mean "sshd is not up yet / the link blipped", worth another try.
 TRANSIENT = (OSError, EOFError, paramiko.SSHException)
 
 MARKER_TOOL = "/usr/local/bin/kvm-marker"
 
-#: How often ``run`` asks its ``abort_if`` whether the guest is still there.
-ABORT_POLL_S = 1.0
+#: Bytes asked of the channel per read.
+CHUNK = 65536
+#: How long one read waits for output when none is waiting (the deadline and the
+#: abort check are asked again after each wait).
+READ_WAIT_S = 0.2
+#: The pause between polls once stdout has ended but the exit status has not arrived.
+IDLE_S = 0.02
 
 # QEMU's user-mode network accepts TCP before the guest's sshd listens, so
 # every early attempt ends in "Error reading SSH protocol banner", which
@@ -106,7 +109,8 @@ class SshGuest:
 
         A connection that drops before the exit status arrived raises GuestLost
         (never a made-up exit status); ``abort_if`` is asked about once a
-        second and a reason from it raises GuestGone.
+        second and a reason from it raises GuestGone. Output is bounded (see
+        harness/guest/output.py): what was dropped is in ``dropped``.
         """
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
@@ -115,37 +119,12 @@ class SshGuest:
             chan = transport.open_session(timeout=10)
         except TRANSIENT as exc:
             raise GuestError(f"cannot open an SSH channel: {exc!r}") from exc
-        out, err = bytearray(), bytearray()
-        start = time.monotonic_ns()
-        deadline = start + int(timeout_s * 1e9)
-        next_check = time.monotonic() + ABORT_POLL_S
+        out, err = BoundedOutput(), BoundedOutput()
+        watch = CommandWatch(command, timeout_s, abort_if)
         try:
             chan.exec_command(command)
-            chan.settimeout(0.2)
-            while True:
-                while chan.recv_ready():
-                    out += chan.recv(65536)
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                if (
-                    chan.exit_status_ready()
-                    and not chan.recv_ready()
-                    and not chan.recv_stderr_ready()
-                ):
-                    break
-                if time.monotonic_ns() > deadline:
-                    raise GuestTimeout(
-                        command,
-                        timeout_s,
-                        out.decode(errors="replace"),
-                        err.decode(errors="replace"),
-                    )
-                if abort_if is not None and time.monotonic() >= next_check:
-                    next_check = time.monotonic() + ABORT_POLL_S
-                    if (why := abort_if()) is not None:
-                        raise GuestGone(why)
-                with contextlib.suppress(TimeoutError):
-                    out += chan.recv(65536)
+            chan.settimeout(READ_WAIT_S)
+            _read_until_exit(chan, watch, out, err)
             status = chan.recv_exit_status()
             if status == -1:
                 # paramiko's "no exit status": the channel closed without one.
@@ -168,7 +147,7 @@ class SshGuest:
             chan.close()
         end = time.monotonic_ns()
         return CommandResult(
-            status, out.decode(errors="replace"), err.decode(errors="replace"), start, end
+            status, out.text(), err.text(), watch.start_ns, end, dropped_note(out, err)
         )
 
     def kill_phase(self, token: int, phase: int) -> int:
@@ -217,6 +196,42 @@ class SshGuest:
     def close(self) -> None:
         """Close the SSH connection."""
         self._client.close()
+
+
+def _read_until_exit(
+    chan: paramiko.Channel, watch: CommandWatch, out: BoundedOutput, err: BoundedOutput
+) -> None:
+    """Read both streams until the exit status has arrived and nothing is left to read.
+
+    ``watch`` is asked before every read, so neither a guest that floods its
+    output nor one that prints nothing can keep this past the deadline.
+    """
+    out_open = True
+    while True:
+        watch.check(out, err)
+        got = False
+        if chan.recv_ready():
+            out.feed(chan.recv(CHUNK))
+            got = True
+        if chan.recv_stderr_ready():
+            err.feed(chan.recv_stderr(CHUNK))
+            got = True
+        if got:
+            continue
+        if chan.exit_status_ready():
+            if not chan.recv_ready() and not chan.recv_stderr_ready():
+                return
+            continue
+        if out_open:
+            # Nothing waiting: block briefly for stdout (b"" means it reached EOF).
+            try:
+                data = chan.recv(CHUNK)
+            except TimeoutError:
+                continue
+            out_open = bool(data)
+            out.feed(data)
+        else:
+            time.sleep(IDLE_S)
 
 
 def _connect_client(
