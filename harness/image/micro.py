@@ -97,12 +97,63 @@ class MicroImage:
         return start, start + PAGE_SIZE * self.phases[phase_number - 1].pages
 
 
-def expected_loop_insns(phase: MicroPhase) -> int:
-    """Instructions the page-writing loops of ``phase`` execute (excluding ~20 of setup).
+#: Emulated instructions per pass outside the page loop (micro.asm ``pass_loop``):
+#: ``mov bx, [cur_pages]``, ``mov es, bp`` before it, ``dec dx``, ``jnz`` after it.
+INSNS_PER_PASS = 4
 
-    On a PVM host each one is a ``kvm:kvm_emulate_insn`` event.
+#: Emulated instructions a phase pays once, whatever its size: the table loads after
+#: its marker (6), the region advance and phase test after its last pass (6), and the
+#: next marker: ``mov eax``, ``mov ecx``, ``or cx, si`` and one ``cpuid`` (4), or,
+#: after the last phase, marker 0 without the ``or`` (3).
+INSNS_PER_PHASE = 6 + 6 + 4
+INSNS_PER_LAST_PHASE = 6 + 6 + 3
+
+
+def expected_loop_insns(phase: MicroPhase) -> int:
+    """Instructions the page-writing loops of ``phase`` execute, without per-pass/phase code.
+
+    Part of :func:`expected_emulated_insns`, which is a phase's whole cost.
     """
     return phase.repeat * phase.pages * INSNS_PER_PAGE_PASS
+
+
+def expected_emulated_insns(phases: Sequence[MicroPhase]) -> dict[int, int]:
+    """Per phase number (1-based), its exact ``kvm:kvm_emulate_insn`` count on a PVM host.
+
+    Valid where KVM emulates every guest instruction (MMU mode "pvm": each one
+    is one ``kvm_emulate_insn`` event) and a phase is what the tracer counts
+    between the guest's marker ``cpuid`` of that phase and the next one.
+    Counted from ``vm-images/micro/micro.asm``, with interrupts off (``cli``) so
+    that nothing else runs between the markers:
+
+    * after marker k: ``mov bx, si`` / ``dec bx`` / ``shl bx, 1`` / ``mov ax,
+      [pages_tbl+bx]`` / ``mov [cur_pages], ax`` / ``mov dx, [repeats_tbl+bx]``: 6;
+    * per pass (``repeat``): ``mov bx, [cur_pages]`` / ``mov es, bp``, the pages,
+      ``dec dx`` / ``jnz pass_loop``: 4 (:data:`INSNS_PER_PASS`);
+    * per page and pass: ``xor di`` / ``mov cx`` / ``mov ax, si``, 2048 words x
+      ``mov`` / ``add`` / ``loop``, ``mov ax, es`` / ``add ax`` / ``mov es, ax`` /
+      ``dec bx`` / ``jnz page_loop``: 3 x 2048 + 8 (:data:`INSNS_PER_PAGE_PASS`);
+    * after the last pass: ``mov ax, [cur_pages]`` / ``shl ax, 8`` / ``add bp, ax``
+      / ``inc si`` / ``cmp si, NPHASES`` / ``jbe``: 6;
+    * the next marker: ``mov eax`` / ``mov ecx`` / ``or cx, si`` / ``cpuid``: 4;
+      after the last phase marker 0 has no ``or``: 3.
+
+    Exactly one marker ``cpuid`` falls in each phase. KVM fires
+    ``kvm_emulate_insn`` when it has decoded an instruction
+    (x86_decode_emulated_instruction(), before x86_emulate_insn() runs it), and
+    ``kvm_cpuid`` while running it, so a marker's own ``cpuid`` event is still
+    counted in the phase it ends; the count would be the same the other way
+    round (each phase would then hold its own marker's ``cpuid`` instead).
+    Hence loop + 4 x repeat + 16, and loop + 4 x repeat + 15 for the last phase:
+    a real capture (16 pages x 4, 32 x 4, 16 x 8) gave 393,760 / 787,488 / 787,503.
+    """
+    validate_micro_params(phases, 1)
+    return {
+        k: expected_loop_insns(ph)
+        + INSNS_PER_PASS * ph.repeat
+        + (INSNS_PER_LAST_PHASE if k == len(phases) else INSNS_PER_PHASE)
+        for k, ph in enumerate(phases, start=1)
+    }
 
 
 def validate_micro_params(phases: Sequence[MicroPhase], token: int) -> None:

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from harness.image.linux import LinuxImage
-from harness.image.micro import MicroPhase, expected_loop_insns
+from harness.image.micro import MicroPhase, expected_emulated_insns
 from harness.paths import RESULTS_DIR, SUITES_DIR
 from harness.run import run_suite
 from harness.spec import load_suite
@@ -84,12 +84,14 @@ def test_three_micro_guests_at_once_exact_per_vm_and_phase(tmp_path: Path) -> No
         assert run["status"] == "ok"
         workload = suite.workloads[run["workload"]]
         assert [p["name"] for p in run["phases"]] == [p.name for p in workload.phases]
-        for phase, spec in zip(run["phases"], workload.phases, strict=True):
+        expected = expected_emulated_insns(
+            [MicroPhase(s.name, s.pages or 0, s.repeat) for s in workload.phases]
+        )
+        for k, (phase, spec) in enumerate(zip(run["phases"], workload.phases, strict=True), 1):
             tr = phase["trace"]
             assert tr["attribution"] == "guest-marker" and tr["markers_seen"] == 1
-            expected = expected_loop_insns(MicroPhase(spec.name, spec.pages or 0, spec.repeat))
-            # The loop plus a few dozen setup/marker instructions, and nothing of a neighbour.
-            assert expected <= tr["emulated_insns"] <= expected + 64, (run["vm"], spec.name, tr)
+            # Exactly the phase's own instructions, nothing of a neighbour or another VM.
+            assert tr["emulated_insns"] == expected[k], (run["vm"], spec.name, expected[k], tr)
             assert tr["events_by_probe"]["kvm_cpuid"] == 1, (run["vm"], spec.name)
         for a, b in itertools.pairwise(run["phases"]):
             assert a["end_ns"] == b["start_ns"]

@@ -39,7 +39,7 @@ from harness.image.micro import (
     MicroImage,
     MicroPhase,
     build_micro_image,
-    expected_loop_insns,
+    expected_emulated_insns,
 )
 from tests.integration.micro_qemu import paused_qemu_argv
 
@@ -56,11 +56,6 @@ PHASES = (
 #: ``which`` of the getpriority() call that checks bpftrace's probes are live
 #: (not a valid PRIO_* value, so the call fails with EINVAL and does nothing).
 READY_WHICH = 0x4B564DFF
-
-#: Setup instructions per phase outside the page loops (table loads, the next
-#: marker's register setup, region advance): about 20, see micro.asm.
-PHASE_OVERHEAD_INSNS = 64
-
 
 def _kvm_usable() -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -331,9 +326,10 @@ def test_markers_once_in_order_and_exit_status(
         f"{boot}: phase durations (marker to marker, ms):",
         {p.name: round(d, 1) for p, d in zip(micro_image.phases, durations, strict=True)},
     )
-    # Timing is host-load dependent, so only a loose sanity check: a phase that
-    # writes 4x the memory of another cannot be faster than it.
-    assert durations[2] > durations[0]
+    # Markers in the guest's order on one thread: each phase starts after the last.
+    # How long phases take is host-load dependent; tests/bench/test_micro_phases.py
+    # records it.
+    assert all(d > 0 for d in durations), durations
 
 
 @pytest.mark.timeout(300)
@@ -354,11 +350,10 @@ def test_emulated_insns_follow_pages(micro_image: MicroImage, work: Path) -> Non
         "durations ms:",
         [round(d, 1) for d in _durations_ms(run)],
     )
-    # With interrupts off nothing but the loop runs between markers, so each
-    # count is the loop's instruction count plus a few setup instructions.
-    for phase, count in zip(micro_image.phases, counts, strict=True):
-        expected = expected_loop_insns(phase)
-        assert expected <= count <= expected + PHASE_OVERHEAD_INSNS, (phase, count, expected)
+    # With interrupts off nothing but the phase's own code runs between markers:
+    # each count is exactly what micro.asm executes there.
+    expected = expected_emulated_insns(micro_image.phases)
+    assert counts == [expected[k] for k in (1, 2, 3)], (counts, expected)
     # Hence the 1:2:4 memory ratio shows up to within 0.1 %.
     assert counts[1] / counts[0] == pytest.approx(2.0, rel=1e-3)
     assert counts[2] / counts[0] == pytest.approx(4.0, rel=1e-3)

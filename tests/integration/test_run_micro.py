@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from harness.image.micro import MicroPhase, expected_loop_insns
+from harness.image.micro import MicroPhase, expected_emulated_insns
 from harness.paths import RESULTS_DIR, SUITES_DIR
 from harness.spec import load_suite
 from tests.conftest import harness_domains, stray_tracers
@@ -63,15 +63,17 @@ def test_micro_suite_attributes_every_event_to_its_phase(tmp_path: Path, backend
     for run in data["runs"]:
         phases = run["phases"]
         assert [p["name"] for p in phases] == [p.name for p in workload.phases]
-        for p, spec in zip(phases, workload.phases, strict=True):
+        expected = expected_emulated_insns(
+            [MicroPhase(s.name, s.pages or 0, s.repeat) for s in workload.phases]
+        )
+        for k, (p, spec) in enumerate(zip(phases, workload.phases, strict=True), start=1):
             tr = p["trace"]
             # Every marker the guest executed was seen exactly once, on the guest channel.
             assert tr["markers_seen"] == 1 and tr["attribution"] == "guest-marker"
             assert p["timing"] == "guest-marker" and p["duration_s"] > 0
-            # Between marker k and k+1 the guest runs only phase k's loop: the emulated
-            # instructions are that loop's count plus a few dozen of marker/setup code.
-            expected = expected_loop_insns(MicroPhase(spec.name, spec.pages or 0, spec.repeat))
-            assert expected <= tr["emulated_insns"] <= expected + 64, (spec.name, tr)
+            # Between marker k and k+1 the guest runs only phase k's code: exactly the
+            # instructions micro.asm executes there.
+            assert tr["emulated_insns"] == expected[k], (spec.name, expected[k], tr)
         first = phases[0]["trace"]["emulated_insns"]
         ratios = [p["trace"]["emulated_insns"] / first for p in phases]
         pages = [s.pages or 0 for s in workload.phases]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.image.micro import MicroPhase, expected_loop_insns
+from harness.image.micro import MicroPhase, expected_emulated_insns
 from harness.paths import SUITES_DIR
 from harness.results import RunResult, load
 from harness.spec import load_suite
@@ -37,11 +37,14 @@ def test_every_event_has_its_stack_and_the_paths_match_the_guests_work(
 ) -> None:
     _, result = stacked_run
     workload = load_suite(SUITES_DIR / "micro-kvm.toml").workloads["micro-touch"]
-    specs = {p.name: p for p in workload.phases}
+    costs = expected_emulated_insns(
+        [MicroPhase(s.name, s.pages or 0, s.repeat) for s in workload.phases]
+    )
+    expected = {s.name: costs[k] for k, s in enumerate(workload.phases, start=1)}
     for run in result.runs:
         for phase in run.phases:
             assert phase.trace is not None
-            tr, spec = phase.trace, specs[phase.name]
+            tr = phase.trace
             for probe in ("kvm_emulate_insn", "kvm_cpuid"):
                 st = tr.stacks[probe]
                 # Conservation: one stack per event, none cut at the default depth.
@@ -49,11 +52,10 @@ def test_every_event_has_its_stack_and_the_paths_match_the_guests_work(
                 assert sum(s.count for s in st.stacks) == st.events and st.truncated == 0
                 # Every event of the vCPU comes from its KVM_RUN ioctl.
                 assert st.paths["kvm_arch_vcpu_ioctl_run"] == st.events
-            # The phase's known work: its loop's instructions (plus marker/setup code),
-            # all through the emulator; one marker cpuid, inside kvm_cpuid().
+            # The phase's known work, exactly, all through the emulator; one marker
+            # cpuid, inside kvm_cpuid().
             insns = tr.stacks["kvm_emulate_insn"].paths["x86_emulate_instruction"]
-            expected = expected_loop_insns(MicroPhase(spec.name, spec.pages or 0, spec.repeat))
-            assert expected <= insns <= expected + 64
+            assert insns == expected[phase.name], (phase.name, insns, expected[phase.name])
             assert tr.stacks["kvm_cpuid"].paths["kvm_cpuid"] == tr.markers_seen == 1
 
 
