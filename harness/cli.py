@@ -11,7 +11,16 @@ from rich.console import Console
 
 from harness.paths import RESULTS_DIR
 from harness.progress import Reporter
-from harness.spec import SpecError, Suite, TraceSpec, WorkloadSpec, default_suite_path, load_suite
+from harness.results import RunResult
+from harness.spec import (
+    SpecError,
+    Suite,
+    TraceSpec,
+    WorkloadSpec,
+    default_suite_path,
+    did_you_mean,
+    load_suite,
+)
 
 SUITE_ARG = click.argument("suite", type=click.Path(path_type=Path), required=False)
 
@@ -58,7 +67,8 @@ def main() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print the result JSON on stdout instead of the table; no progress.",
+    help="Print the result JSON on stdout instead of the table; no progress. With "
+    "--allow-host-changes: a JSON array, one result per host configuration.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress; print only the result path.")
 @click.option(
@@ -101,7 +111,7 @@ def run(
     overrides: tuple[str, ...],
 ) -> None:
     """Run SUITE (default: workloads/suites/default.toml) and write its result JSON."""
-    from harness.progress import QuietReporter, RichReporter, summary_table
+    from harness.progress import QuietReporter, RichReporter
     from harness.run import RunInterrupted, run_suite
 
     loaded = _load(suite, overrides)
@@ -128,8 +138,8 @@ def run(
                 f"review them with `harness host plan {loaded.path}`, then pass "
                 "--allow-host-changes"
             )
-        _run_host_configs(loaded, results_dir, reporter, no_trace, quiet or as_json,
-                          stack_probes, backend)
+        _run_host_configs(loaded, results_dir, reporter, no_trace, stack_probes, backend,
+                          as_json=as_json, quiet=quiet)
         return
     try:
         state = run_suite(
@@ -154,11 +164,18 @@ def run(
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     elif not quiet:
-        # Logs (CI, pipes) have no terminal width; keep the table readable there.
-        Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
+        _print_table(result)
     click.echo(f"result: {state.path}", err=as_json)
     if result.status != "complete":
         sys.exit(1)
+
+
+def _print_table(result: RunResult) -> None:
+    """The closing per-phase table on stdout."""
+    from harness.progress import summary_table
+
+    # Logs (CI, pipes) have no terminal width; keep the table readable there.
+    Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
 
 
 #: Where an applied host configuration's original values wait for restore (cache dir).
@@ -170,17 +187,24 @@ def _run_host_configs(
     results_dir: Path,
     reporter: Reporter,
     no_trace: bool,
-    quiet: bool,
     stacks: list[str] | None,
     backend: str | None = None,
+    *,
+    as_json: bool = False,
+    quiet: bool = False,
 ) -> None:
-    """The suite once per host configuration: apply, run, restore; one result file each."""
+    """The suite once per host configuration: apply, run, restore; one result file each.
+
+    Prints what a plain run prints, per configuration: the table, or with
+    ``as_json`` one JSON array of the results (also those finished before a failure).
+    """
     from harness.host.mmuconfig import HostConfigError, HostConfigurator, plan, restore_from_file
     from harness.paths import cache_dir
     from harness.results import write_atomic
     from harness.run import RunInterrupted, run_suite
 
     restore_file = cache_dir() / HOST_RESTORE_FILE
+    done: list[RunResult] = []
     try:
         leftover = restore_from_file(restore_file)  # what a killed run left applied
         if leftover is not None:
@@ -198,7 +222,10 @@ def _run_host_configs(
                                   stacks=stacks, host_config=record, backend=backend)
             state.result.host_config = record  # now with restored / restore_errors
             write_atomic(state.result, state.path)
-            click.echo(f"result ({cfg.name}): {state.path}", err=not quiet)
+            done.append(state.result)
+            if not (as_json or quiet):
+                _print_table(state.result)
+            click.echo(f"result ({cfg.name}): {state.path}", err=as_json)
             if record.restore_errors:
                 raise HostConfigError("restore failed: " + "; ".join(record.restore_errors))
             failed |= state.result.status != "complete"
@@ -207,6 +234,9 @@ def _run_host_configs(
         sys.exit(128 + exc.signum)
     except HostConfigError as exc:
         raise click.ClickException(f"host configuration: {exc}") from exc
+    finally:
+        if as_json:
+            click.echo("[\n" + ",\n".join(r.model_dump_json(indent=2) for r in done) + "\n]")
     if failed:
         sys.exit(1)
 
@@ -266,9 +296,15 @@ def cache_prune(dry_run: bool) -> None:
     """
     from harness.image import cache as image_cache
     from harness.image.linux import IMAGE_NAME, recipe_digest
+    from harness.paths import cache_root
     from harness.trace import libbpf
 
-    found = image_cache.prunable({IMAGE_NAME: recipe_digest()}) + libbpf.prunable_builds()
+    root = cache_root()
+    # Looking creates nothing: cache_dir() and images_root() would make what is missing.
+    found = (
+        image_cache.prunable({IMAGE_NAME: recipe_digest()}, root)
+        if (root / "images").is_dir() else []
+    ) + (libbpf.prunable_builds(root) if root.is_dir() else [])
     freed = kept = 0
     for entry in found:
         size = f"{entry.size / 1e6:.1f} MB"
@@ -295,20 +331,25 @@ def vm() -> None:
 @SUITE_ARG
 @click.option("--vm", "vm_name", help="Only this VM of the suite.")
 def vm_xml(suite: Path | None, vm_name: str | None) -> None:
-    """Print the domain XML the harness would start for each VM (like virt-install --print-xml)."""
+    """Print the domain XML the harness would start for each VM (like virt-install --print-xml).
+
+    One VM: its <domain> document, ready for `virsh define`. Several: one
+    <domains> document with a comment naming each VM before its <domain>
+    (`--vm NAME` prints that one alone).
+    """
     from harness.host.facts import choose_accelerator, collect_host_facts
-    from harness.preview import preview_domains
+    from harness.preview import preview_document, preview_domains
 
     loaded = _load(suite)
     names = [v.name for v in loaded.spec.vms]
     if vm_name is not None and vm_name not in names:
-        raise click.ClickException(
-            f"{loaded.path}: no VM named {vm_name!r} (VMs: {', '.join(names)})"
+        raise BadInput(
+            f"{loaded.path}: no VM named {vm_name!r}{did_you_mean(vm_name, names)} "
+            f"(fix: --vm one of {', '.join(names)})"
         )
     facts = collect_host_facts()
-    for name, xml in preview_domains(loaded, lambda req: choose_accelerator(req, facts)[0]):
-        if vm_name in (None, name):
-            click.echo(xml, nl=False)
+    domains = preview_domains(loaded, lambda req: choose_accelerator(req, facts)[0])
+    click.echo(preview_document(loaded, domains, only=vm_name), nl=False)
 
 
 @main.group()
@@ -333,12 +374,12 @@ def host_plan(suite: Path | None, root: Path) -> None:
         try:
             planned = plan(cfg, root)
         except HostConfigError as exc:
-            raise click.ClickException(f"{loaded.path}: host_configs[{i}]: {exc}") from exc
+            raise BadInput(f"{loaded.path}: host_configs[{i}]: {exc}") from exc
         click.echo(planned.describe())
         if planned.impossible:
             impossible.append(cfg.name)
     if impossible:
-        raise click.ClickException(
+        raise BadInput(  # the suite asks what this host cannot do: bad input, exit 2
             f"not applicable on this host: {', '.join(impossible)} (see the reasons above)"
         )
     click.echo(f"apply with: harness run {loaded.path} --allow-host-changes "
@@ -369,10 +410,14 @@ def host_restore() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def probes(as_json: bool) -> None:
-    """List the probe catalogue and whether each probe can attach here, per tracer backend."""
+    """List the probe catalogue and whether each probe can attach here, per tracer backend.
+
+    The first column is each probe's name as suites ([trace] probes, stacks) and
+    `run --stacks` take it; the target is what the tracer attaches to.
+    """
     from harness.trace.backend import BpftraceBackend, LibbpfBackend
     from harness.trace.libbpf import LibbpfUnavailable, build
-    from harness.trace.probes import CATALOGUE, HostView, ProbeStatus
+    from harness.trace.probes import CATALOGUE, GROUPS, STACK_GROUP, HostView, ProbeStatus
 
     view = HostView.probe()
     status = BpftraceBackend().availability(list(CATALOGUE), view)
@@ -411,13 +456,19 @@ def probes(as_json: bool) -> None:
         return
     if isinstance(lb, str):
         click.echo(lb)
-    click.echo(f"{'bpftrace':<9} {'libbpf':<7} {'kind':<10} {'target':<36} why (bpftrace | libbpf)")
+    # The name column is what suites' [trace] probes/stacks and `run --stacks` take.
+    width = max(len(s.probe.name) for s in status)
+    click.echo(f"{'name':<{width}} {'bpftrace':<9} {'libbpf':<7} {'kind':<10} {'target':<36} "
+               "why (bpftrace | libbpf)")
     for i, s in enumerate(status):
         other = None if isinstance(lb, str) else lb[i]
         mark = "ok" if s.available else "no"
         lmark = "-" if other is None else ("ok" if other.available else "no")
         why = s.reason if other is None else f"{s.reason} | {other.reason}"
-        click.echo(f"{mark:<9} {lmark:<7} {s.probe.kind:<10} {s.probe.target:<36} {why}")
+        click.echo(f"{s.probe.name:<{width}} {mark:<9} {lmark:<7} {s.probe.kind:<10} "
+                   f"{s.probe.target:<36} {why}")
+    click.echo(f"groups (also accepted by name): {', '.join(GROUPS)}; "
+               f"for stacks also {STACK_GROUP!r} (the MMU default set)")
 
 
 def _first_problem(exc: ValueError) -> str:
@@ -437,14 +488,33 @@ def _field_problem(exc: ValueError) -> str:
 
 
 def _threshold(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
-    text = value.strip().removesuffix("%")
+    """``5%`` or the fraction ``0.05`` (as compare's JSON stores it) -> 0.05."""
+    text = value.strip()
+    percent = text.endswith("%")
     try:
-        pct = float(text)
+        number = float(text.removesuffix("%"))
     except ValueError:
         raise click.BadParameter(f"{value!r}: give a percentage, e.g. 5%") from None
-    if not 0 <= pct < 1000:
+    if not percent and number >= 1:
+        # 5 could mean 5% or 500%: refuse rather than guess.
+        raise click.BadParameter(
+            f"{value!r}: a bare number is a fraction (0.05 = 5%); write {value.strip()}% "
+            f"for {value.strip()} percent"
+        )
+    fraction = number / 100 if percent else number
+    if not 0 <= fraction < 10:
         raise click.BadParameter(f"{value!r}: must be between 0% and 1000%")
-    return pct / 100
+    return fraction
+
+
+def _output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot take a report (with the fix), or None."""
+    if output.is_dir():
+        return f"is a directory (fix: name a file in it, e.g. --output {output / 'ab.md'})"
+    parent = output.parent
+    if not parent.is_dir():
+        return f"folder {parent} does not exist (fix: create it first: mkdir -p {parent})"
+    return None
 
 
 def _side_paths(spec: str) -> list[Path]:
@@ -465,7 +535,8 @@ def _side_paths(spec: str) -> list[Path]:
 @click.argument("candidate")
 @click.option(
     "--threshold", default="5%", show_default=True, callback=_threshold,
-    help="Smallest change of a median that can be a regression or improvement.",
+    help="Smallest change of a median that can be a regression or improvement: a percentage "
+    "(5%) or a fraction below 1 (0.05, as the JSON report stores it).",
 )
 @click.option(
     "--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
@@ -510,6 +581,10 @@ def compare(
     from harness.analysis import render
     from harness.analysis.resultset import InputError, load_side
 
+    if output is not None and (problem := _output_problem(output)):
+        # Before the work, and never exit 1: that status means "regression".
+        click.echo(f"harness compare: --output {output}: {problem}", err=True)
+        sys.exit(cmp.EXIT_BAD_INPUT)
     try:
         report = cmp.compare(
             load_side("base", _side_paths(base)),
@@ -525,7 +600,12 @@ def compare(
         sys.exit(cmp.EXIT_BAD_INPUT)
     text = render.FORMATS[fmt](report)
     if output is not None:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:  # e.g. a full disk, or the folder went away meanwhile
+            click.echo(f"harness compare: --output {output}: cannot write: {exc.strerror} "
+                       "(fix: give a writable file path)", err=True)
+            sys.exit(cmp.EXIT_BAD_INPUT)
         click.echo(f"{render.headline(report)}; report: {output}", err=True)
     else:
         click.echo(text, nl=False)
@@ -638,6 +718,11 @@ def stacks(
         click.echo(callpaths.render_tree(items, min_share=min_share / 100), nl=False)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 VM``, ``2 VMs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @main.command()
 @SUITE_ARG
 @SET_OPTION
@@ -648,7 +733,8 @@ def validate(suite: Path | None, overrides: tuple[str, ...]) -> None:
         f", group {g.name}: {' + '.join(g.vms)} at once" for g in loaded.spec.groups
     )
     click.echo(
-        f"{loaded.path}: ok ({len(loaded.spec.vms)} VMs, {len(loaded.spec.runs)} runs, "
+        f"{loaded.path}: ok ({_count(len(loaded.spec.vms), 'VM')}, "
+        f"{_count(len(loaded.spec.runs), 'run')}, "
         f"workloads: {', '.join(loaded.workloads)}{groups})"
     )
 

@@ -20,6 +20,11 @@ def cache_dir() -> Path:
     libvirt runs QEMU as ``libvirt-qemu``, so everything under it must be
     world-traversable; the default sits under /var/cache, not a home directory.
     """
-    root = Path(os.environ.get("HARNESS_CACHE", "/var/cache/kvm-harness"))
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def cache_root() -> Path:
+    """Where :func:`cache_dir` is, without creating it (for commands that only look)."""
+    return Path(os.environ.get("HARNESS_CACHE", "/var/cache/kvm-harness"))

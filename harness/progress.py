@@ -74,6 +74,7 @@ def summary_table(result: RunResult) -> Table:
         "attribution",
     ):
         table.add_column(col, justify="right" if col in right else "left")
+    tcg_boots = _tcg_boots(result)
     for run in result.runs:
         for ph in run.phases:
             tr = ph.trace
@@ -87,6 +88,11 @@ def summary_table(result: RunResult) -> Table:
                 if tr
                 else ["-"] * 4
             )
+            attribution = tr.attribution if tr else "untraced"
+            if tr and (run.boot or run.vm) in tcg_boots and not _any_event(ph):
+                # KVM never ran this guest: its zeros are not a measurement of no exits.
+                counts = ["n/a"] * 4
+                attribution = TCG_NOTE
             table.add_row(
                 run.workload,
                 run.vm,
@@ -96,6 +102,31 @@ def summary_table(result: RunResult) -> Table:
                 f"{ph.duration_s:.3f}" if ph.duration_s is not None else "-",
                 " ".join(f"{k}={v:g}" for k, v in ph.metrics.items()) or "-",
                 *counts,
-                tr.attribution if tr else "untraced",
+                attribution,
             )
+    if any((run.boot or run.vm) in tcg_boots for run in result.runs):
+        table.caption = (
+            f"n/a: {TCG_NOTE}; QEMU emulated the CPU and MMU itself, so the host's KVM "
+            "tracepoints have nothing to count"
+        )
     return table
+
+
+#: What the table says instead of 0 exits / 0 faults for a guest that KVM did not run.
+TCG_NOTE = "no KVM events: this guest ran under TCG"
+
+
+def _tcg_boots(result: RunResult) -> set[str]:
+    """Boots (and, for results without boot names, VM names) that ran under TCG."""
+    return {
+        name for vm in result.vms if vm.accelerator == "tcg"
+        for name in (vm.boot or vm.name, vm.name)
+    }
+
+
+def _any_event(ph: PhaseResult) -> bool:
+    tr = ph.trace
+    return tr is not None and bool(
+        sum(tr.exits.values()) or sum(tr.mmu_faults.values()) or sum(tr.mmu_events.values())
+        or tr.emulated_insns
+    )

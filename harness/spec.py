@@ -6,17 +6,21 @@ or workload fails with the file, the field and what to do about it.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import re
 import shlex
 import string
 import tomllib
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from harness.host.mmuconfig import HostConfigSpec
 from harness.image.paging import PagingImageError, PagingPhase, validate_paging_params
@@ -60,6 +64,12 @@ class SpecError(Exception):
         err.problems = [p for problem in problems for p in problem.problems]
         err.args = ("\n".join(str(p) for p in err.problems),)
         return err
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a mistyped ``name``, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Strict(BaseModel):
@@ -237,7 +247,8 @@ class WorkloadSpec(_Strict):
         """(reason, fix) if ``name`` = ``value`` is not allowed for this workload, else None."""
         if name not in self.params:
             return (
-                f"unknown parameter {name!r} for workload {self.name!r}",
+                f"unknown parameter {name!r} for workload {self.name!r}"
+                f"{did_you_mean(name, self.params)}",
                 f"use one of: {', '.join(sorted(self.params)) or 'no parameters'}",
             )
         try:
@@ -447,14 +458,146 @@ def _validated(model: type[M], path: Path, data: dict[str, object]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in err["loc"])
-            field = field.replace(".[", "[")
-            msg = err["msg"].removeprefix("Value error, ")
-            fix = "remove or rename the key" if err["type"] == "extra_forbidden" else ""
-            problems.append(SpecError(path, field or "(top level)", msg, fix))
+        problems = [_problem(model, path, err, tuple(err["loc"])) for err in exc.errors()]
         raise SpecError.combine(problems) from exc
+
+
+def _problem(
+    model: type[BaseModel], path: Path, err: ErrorDetails, loc: tuple[str | int, ...]
+) -> SpecError:
+    """One pydantic error as a SpecError at ``loc``, with a "did you mean" where one fits."""
+    field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc)
+    field = field.replace(".[", "[")
+    msg = err["msg"].removeprefix("Value error, ")
+    fix = ""
+    if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        known = _field_names(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        fix = "remove or rename the key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        if known and not close:
+            fix += f"; keys here: {', '.join(sorted(known))}"
+    elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        msg += did_you_mean(str(err["input"]), choices)
+    return SpecError(path, field or "(top level)", msg, fix)
+
+
+def _field_names(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at ``loc`` (under ``model``) accepts; [] where that is not a model."""
+    current: object = model
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list element: the list's item model, found below
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(part)
+        if info is None:
+            return []
+        current = _item_model(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _item_model(annotation: object) -> object:
+    """The model inside ``list[X]``, ``X | None`` or ``Annotated[X, ...]`` (else the type)."""
+    for arg in typing.get_args(annotation):
+        found = _item_model(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return annotation
+
+
+#: Enough passes of :func:`_validated_suite` for any real suite (each drops a bad key).
+_MAX_PASSES = 25
+Loc = tuple[str | int, ...]
+
+
+def _validated_suite(
+    path: Path, data: dict[str, object]
+) -> tuple[SuiteSpec | None, list[SpecError]]:
+    """The suite model (None if no valid remainder) and every problem of its fields.
+
+    pydantic reports one table's field errors but runs its own checks (trace's
+    probe names, say) only once those pass, and the cross-reference checks of
+    load_suite need a whole model: one mistake hides the next. So each pass
+    reports what failed, drops it (its default applies; a list entry goes) and
+    validates again, until what is left is a valid suite to check further.
+    """
+    work = copy.deepcopy(data)
+    problems: list[SpecError] = []
+    seen: set[str] = set()
+    dropped: set[Loc] = set()
+    kept: dict[Loc, list[int]] = {}  # a list's original path -> original index of each entry
+    for _ in range(_MAX_PASSES):
+        try:
+            return SuiteSpec.model_validate(work), problems
+        except ValidationError as exc:
+            errors = exc.errors()
+        targets: dict[Loc, Loc] = {}  # where to drop (now) -> the same place as written
+        for err in errors:
+            loc = _original_loc(tuple(err["loc"]), kept)
+            # Consequences of a drop (a required key gone, a list emptied) were reported.
+            consequence = err["type"] in ("missing", "too_short") and any(
+                d[:len(loc)] == loc for d in dropped
+            )
+            if not consequence:
+                problem = _problem(SuiteSpec, path, err, loc)
+                if str(problem) not in seen:
+                    seen.add(str(problem))
+                    problems.append(problem)
+            target = tuple(err["loc"])
+            if consequence and err["type"] == "missing":
+                target = target[:-1]  # a required key: the table holding it goes instead
+            if target:
+                targets[target] = _original_loc(target, kept)
+        # Keys first, then list entries from the last: no drop shifts another's index.
+        entries = sorted((t for t in targets if isinstance(t[-1], int)), key=_sort_key,
+                         reverse=True)
+        progress = False
+        for target in [*(t for t in targets if isinstance(t[-1], str)), *entries]:
+            if _drop(work, target, kept):
+                dropped.add(targets[target])
+                progress = True
+        if not progress:
+            break
+    return None, problems
+
+
+def _sort_key(loc: Loc) -> tuple[tuple[int, int, str], ...]:
+    """Orders locations with mixed str and int parts (indices numerically)."""
+    return tuple((1, p, "") if isinstance(p, int) else (0, 0, p) for p in loc)
+
+
+def _original_loc(loc: Loc, kept: dict[Loc, list[int]]) -> Loc:
+    """``loc`` in the data as written, before list entries were dropped."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(part, int) and (m := kept.get(tuple(out))) is not None and part < len(m):
+            part = m[part]
+        out.append(part)
+    return tuple(out)
+
+
+def _drop(work: dict[str, object], loc: Loc, kept: dict[Loc, list[int]]) -> bool:
+    """Remove the key or list entry at ``loc`` from ``work``; False if there is none."""
+    parent: object = work
+    for part in loc[:-1]:
+        in_dict = isinstance(parent, dict) and isinstance(part, str) and part in parent
+        in_list = isinstance(parent, list) and isinstance(part, int) and part < len(parent)
+        if not (in_dict or in_list):
+            return False
+        parent = parent[part]  # type: ignore[index]
+    last = loc[-1]
+    if isinstance(parent, dict) and isinstance(last, str) and last in parent:
+        del parent[last]
+        return True
+    if isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        where = _original_loc(loc[:-1], kept)
+        kept.setdefault(where, list(range(len(parent)))).pop(last)
+        del parent[last]
+        return True
+    return False
 
 
 def load_workload(path: Path) -> WorkloadSpec:
@@ -491,20 +634,19 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
     data = _read_toml(path)
     # A suite next to its own workloads (suites/ under a workloads dir) finds them first.
     search = [path.parent.parent, path.parent, WORKLOADS_DIR]
-    try:
-        spec = _validated(SuiteSpec, path, data)
-    except SpecError as exc:
+    spec, model_problems = _validated_suite(path, data)
+    if spec is None:
         # Report the runs' parameter problems too, so one pass shows every mistake.
-        raise SpecError.combine([*exc.problems, *_raw_param_problems(path, data, search)]) from exc
+        raise SpecError.combine([*model_problems, *_raw_param_problems(path, data, search)])
     workloads: dict[str, WorkloadSpec] = {}
-    problems: list[SpecError] = []
+    problems: list[SpecError] = list(model_problems)
     vm_names = [vm.name for vm in spec.vms]
     for i, run in enumerate(spec.runs):
         if run.vm not in vm_names:
             problems.append(SpecError(
                 path,
                 f"runs[{i}].vm",
-                f"no VM named {run.vm!r}",
+                f"no VM named {run.vm!r}{did_you_mean(run.vm, vm_names)}",
                 f"use one of: {', '.join(vm_names)}",
             ))
         if run.workload not in workloads:
@@ -607,7 +749,8 @@ def _apply_overrides(
         workload = workloads.get(wname)
         if workload is None:
             problems.append(SpecError(
-                path, field, f"the suite runs no workload {wname!r}",
+                path, field,
+                f"the suite runs no workload {wname!r}{did_you_mean(wname, workloads)}",
                 f"use one of: {', '.join(sorted(workloads))}",
             ))
             continue
@@ -657,7 +800,7 @@ def _check_groups(path: Path, spec: SuiteSpec) -> list[SpecError]:
         for name in group.vms:
             if name not in vm_names:
                 problems.append(SpecError(
-                    path, f"{where}.vms", f"no VM named {name!r}",
+                    path, f"{where}.vms", f"no VM named {name!r}{did_you_mean(name, vm_names)}",
                     f"use names from [[vms]]: {', '.join(vm_names)}",
                 ))
                 continue

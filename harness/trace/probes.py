@@ -9,6 +9,7 @@ bpftrace support them. Availability is decided by pure functions over a
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
@@ -207,8 +208,12 @@ def get(name: str) -> Probe:
     try:
         return _BY_NAME[name]
     except KeyError:
+        # `harness probes` shows targets too; someone may copy one ("kvmmmu:kvm_mmu_get_page").
+        by_target = [p.name for p in CATALOGUE if name in (p.target, p.target.split(":")[-1])]
+        close = by_target or difflib.get_close_matches(name, [*_BY_NAME, *GROUPS], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown probe {name!r}; valid probes: {', '.join(_BY_NAME)}; "
+            f"unknown probe {name!r}{hint}; valid probes: {', '.join(_BY_NAME)}; "
             f"groups: {', '.join(GROUPS)}"
         ) from None
 
