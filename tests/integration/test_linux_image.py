@@ -22,11 +22,6 @@ from harness.image.linux import LinuxImage, build_linux_image
 
 pytestmark = pytest.mark.integration
 
-#: Generous bound for a loaded machine; the fast path takes about 5 s, a
-#: systemd + Debian initramfs boot took 29 s, so this still catches a regression.
-BOOT_LIMIT_S = 30.0
-
-
 @dataclass(frozen=True)
 class Booted:
     image: LinuxImage
@@ -124,7 +119,8 @@ def _run(client: paramiko.SSHClient, cmd: str, timeout: float = 60) -> tuple[int
 
 
 def test_boot_ssh_and_workloads(booted: Booted) -> None:
-    assert booted.boot_seconds < BOOT_LIMIT_S, f"boot took {booted.boot_seconds:.1f} s"
+    # How long the boot took is printed, not asserted: timings are benchmarks
+    # (tests/bench/test_linux_guest.py::test_boot_to_ssh, `tox -e bench`).
     tools = booted.image.guest_tools
     client = _client(booted, booted.image.host_key)
     try:
