@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from harness import paths
 from harness.host.process import die_with_parent
 from harness.image import cache as image_cache
+from harness.vm.lifecycle import PRIVATE_FILE_MODE, make_private_dir
 
 IMAGE_NAME = "linux"
 RECIPE_DIR = paths.VM_IMAGES_DIR / "linux"
@@ -229,7 +230,17 @@ def cached_linux_image(
         return None
     if image.digest != digest or image.missing_files():
         return None
+    _make_private(image)
     return image
+
+
+def _make_private(image: LinuxImage) -> None:
+    """Close the image to other local users: its disk holds the guest's SSH host private key
+    and ``id_ed25519`` logs in to every guest as root. Entries built before are closed too."""
+    make_private_dir(image.directory)
+    for f in (image.disk, image.ssh_private_key):
+        if f.stat().st_mode & 0o077:
+            f.chmod(PRIVATE_FILE_MODE)
 
 
 def build_linux_image(
@@ -270,6 +281,7 @@ def _build_or_lookup(cache: Path | None, force: bool, progress: Progress | None)
             debs = image_cache.images_root(cache).parent / "debs"
             staged = _build(recipe, digest, stage, debs, say)
         image = LinuxImage.from_manifest(final)
+        _make_private(image)  # the cache made the entry traversable for all
         say(f"image ready: {final} ({staged.kernel_release})")
         return image
 
@@ -354,6 +366,7 @@ def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = Non
 
 def _build(recipe: LinuxRecipe, digest: str, stage: Path, debs: Path, say: Progress) -> LinuxImage:
     t0 = time.monotonic()
+    make_private_dir(stage)  # the root file system and its keys are written here
     log = stage / "build.log"
     rootfs = stage / "rootfs"
 
@@ -401,7 +414,8 @@ def _build(recipe: LinuxRecipe, digest: str, stage: Path, debs: Path, say: Progr
 
     say(f"making ext4 ({recipe.disk_gib} GiB sparse) and qcow2 base image")
     raw = stage / "root.ext4"
-    with raw.open("wb") as fh:
+    # The root file system holds the guest's SSH host private key: root only.
+    with open(os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE), "wb") as fh:
         fh.truncate(recipe.disk_gib << 30)
     _run(
         "mkfs.ext4",
@@ -422,7 +436,7 @@ def _build(recipe: LinuxRecipe, digest: str, stage: Path, debs: Path, say: Progr
         log,
         f"check free space in {stage.parent}",
     )
-    disk.chmod(0o644)
+    disk.chmod(PRIVATE_FILE_MODE)  # the guest's SSH host private key is inside
     raw.unlink()
     shutil.rmtree(rootfs)
     shutil.rmtree(tools_dir)

@@ -1,8 +1,8 @@
 """libvirt domain XML, generated from a typed description of the VM.
 
 Two shapes exist today: a Linux guest (q35, direct kernel boot, virtio disk on
-an overlay, user-mode networking with SSH forwarded to 127.0.0.1) and the
-micro KVM guest (pc, boot sector on a floppy, isa-debug-exit). The QEMU
+an overlay, restricted user-mode networking with SSH forwarded to 127.0.0.1) and
+the micro KVM guest (pc, boot sector on a floppy, isa-debug-exit). The QEMU
 namespace carries what libvirt 9.0 cannot express: the user-mode netdev with
 a loopback host forward (libvirt's passt backend is rejected there, and the
 house rule forbids libvirt networks and bridges) and isa-debug-exit.
@@ -130,7 +130,9 @@ def domain_xml(cfg: DomainConfig) -> str:
     if cfg.ssh_port is not None:
         args += [
             "-netdev",
-            f"user,id=n0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
+            # restrict=on: the guest reaches nothing outside (not the host's loopback
+            # services through 10.0.2.2, not the network); the forward still works.
+            f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
             "-device",
             f"virtio-net-pci,netdev=n0,bus=pcie.0,addr={NET_PCI_SLOT:#x}",
         ]

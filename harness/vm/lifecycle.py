@@ -8,12 +8,15 @@ find and reap anything a killed run left (overlays, run directories).
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -34,8 +37,43 @@ RESULT_FILE = "result.path"
 OWNER_NS = "https://kvm-mmu-harness.invalid/owner"
 
 
+#: The group libvirt runs QEMU with (its DAC label): Debian's, then Fedora's name.
+QEMU_GROUPS = ("libvirt-qemu", "qemu")
+#: Run and image directories: root lists and writes them; QEMU's group only passes through
+#: to the files libvirt relabels for it (dynamic_ownership chowns each disk, kernel,
+#: initrd and console file to QEMU's user while the domain runs, and back afterwards).
+PRIVATE_DIR_MODE = 0o710
+#: Files that hold a guest's disk (and so its SSH host private key): root only.
+PRIVATE_FILE_MODE = 0o600
+
+
 class VmError(Exception):
     """A VM could not be started or managed."""
+
+
+def qemu_gid() -> int | None:
+    """The group id QEMU runs with under libvirt, None where no such group exists."""
+    for name in QEMU_GROUPS:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+    return None
+
+
+def make_private_dir(path: Path) -> None:
+    """Close ``path`` to other local users; QEMU may still pass through it.
+
+    Mode 0710 owned by root and QEMU's group. Where that group does not exist,
+    0711: anyone may pass through but nobody list it, and the files inside are
+    0600 (PRIVATE_FILE_MODE) anyway.
+    """
+    gid = qemu_gid()
+    if gid is None:
+        path.chmod(0o711)
+        return
+    os.chown(path, os.geteuid(), gid)
+    path.chmod(PRIVATE_DIR_MODE)
 
 
 def domain_name(run_id: str, vm: str) -> str:
@@ -86,7 +124,10 @@ def free_port() -> int:
 
 
 def create_overlay(base: Path, overlay: Path) -> None:
-    """A qcow2 overlay on ``base``: the guest writes there, the base stays pristine."""
+    """A qcow2 overlay on ``base``: the guest writes there, the base stays pristine.
+
+    Mode 0600: libvirt hands it to QEMU's user while the domain runs.
+    """
     proc = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
         capture_output=True,
@@ -95,12 +136,12 @@ def create_overlay(base: Path, overlay: Path) -> None:
     )
     if proc.returncode != 0:
         raise VmError(f"qemu-img create {overlay} failed: {proc.stderr.strip()}")
-    overlay.chmod(0o666)
+    overlay.chmod(PRIVATE_FILE_MODE)
 
 
 def start(conn: libvirt.virConnect, cfg: DomainConfig, *, paused: bool = False) -> RunningVm:
     """Create the transient domain of ``cfg``; paused, it has a QEMU pid but runs nothing."""
-    cfg.console_log.touch(mode=0o666)
+    cfg.console_log.touch(mode=PRIVATE_FILE_MODE)
     flags = libvirt.VIR_DOMAIN_START_AUTODESTROY
     if paused:
         flags |= libvirt.VIR_DOMAIN_START_PAUSED
@@ -336,8 +377,8 @@ def claim_run_dir(run_dir: Path, result_path: Path | None = None) -> None:
     """
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = run_dir.with_name(f".claim-{run_dir.name}-{os.getpid()}")
-    staging.mkdir()
-    staging.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the files inside
+    staging.mkdir(mode=0o700)
+    make_private_dir(staging)  # QEMU runs as libvirt-qemu and must reach the files inside
     (staging / OWNER_FILE).write_text(str(os.getpid()))
     if result_path is not None:
         (staging / RESULT_FILE).write_text(str(result_path.resolve()))
@@ -346,6 +387,35 @@ def claim_run_dir(run_dir: Path, result_path: Path | None = None) -> None:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def copy_console_log(src: Path, dest: Path) -> bool:
+    """Copy a console log to ``dest`` (evidence kept after the run); False if ``src`` is gone.
+
+    Whoever can write ``dest``'s directory may have put a symlink or a hard link
+    there: the copy goes to a new file beside it, renamed over ``dest`` (a
+    rename replaces a link, never writes through it). ``src`` is opened without
+    following a symlink.
+    """
+    try:
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # ELOOP: a symlink where QEMU's log file should be
+        raise VmError(f"console log {src} not copied: {exc.strerror}") from exc
+    with os.fdopen(fd_in, "rb") as fin:
+        # mkstemp: O_EXCL under a random name, so nothing planted is written through.
+        fd_out, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        try:
+            with os.fdopen(fd_out, "wb") as fout:
+                os.fchmod(fout.fileno(), 0o644)
+                shutil.copyfileobj(fin, fout)
+            os.rename(tmp_name, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+    return True
 
 
 def _tell_dead_run(

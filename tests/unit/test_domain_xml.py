@@ -89,8 +89,9 @@ def test_linux_domain_shape(tmp_path: Path) -> None:
     assert root.find("devices/interface") is None  # no libvirt network, no bridge
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     netdev = args[args.index("-netdev") + 1]
-    # SSH is reachable on loopback only.
-    assert netdev == "user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22"
+    # SSH is reachable on loopback only, and the guest reaches nothing of the host's
+    # (restrict=on: no 10.0.2.2 to host loopback services; tests/integration/test_hostile_guest).
+    assert netdev == "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"
     assert root.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
 
 
