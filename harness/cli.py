@@ -694,15 +694,17 @@ def stacks(
     from harness.analysis import callpaths
     from harness.results import ResultError
     from harness.results import load as load_result
+    from harness.textsafe import printable
 
     try:
         loaded = load_result(result)
     except ResultError as exc:
-        click.echo(f"harness stacks: {exc}", err=True)
+        click.echo(f"harness stacks: {printable(str(exc))}", err=True)
         sys.exit(2)
     except ValueError as exc:  # pydantic: valid JSON of a known version, wrong shape
-        click.echo(f"harness stacks: {result}: not a valid result file: {_field_problem(exc)}",
-                   err=True)
+        # Field names and values come from the file: printed as visible escapes.
+        click.echo(f"harness stacks: {result}: not a valid result file: "
+                   f"{printable(_field_problem(exc))}", err=True)
         sys.exit(2)
     items = callpaths.collect(loaded, phase=phase, probe=probe, vm=vm_name)
     if not items:

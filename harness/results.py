@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import re
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +31,8 @@ SCHEMA_ID = "https://kvm-mmu-harness.invalid/results/schema.json"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A NaN or infinity is never a measurement: it would pass through compare unseen.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CrossCheck(_Model):
@@ -77,6 +80,11 @@ class PhaseResult(_Model):
     stderr_tail: str = ""
     metrics: dict[str, float] = {}
     metrics_missing: list[str] = []
+    metric_problems: dict[str, str] = Field(
+        default_factory=dict,
+        description="metric -> why it is in metrics_missing (no match, not a number, "
+        "non-finite or beyond the plausible range), naming the phase and metric",
+    )
     trace: PhaseTrace | None = None
     kvm_stats: dict[str, int] | None = Field(
         default=None, description="KVM's own counters, delta over the phase"
@@ -221,17 +229,100 @@ class ResultError(Exception):
     """A result file cannot be read as this version of the harness understands it."""
 
 
-def load(path: Path) -> RunResult:
-    """Read a result file, refusing schema versions this harness does not know."""
+#: Deepest nesting of arrays and objects a result file may have; real ones reach about 12.
+MAX_JSON_DEPTH = 64
+#: Largest result file read (a long suite with stacks is a few MiB).
+MAX_RESULT_BYTES = 256 * 1024 * 1024
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth_problem(text: str, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``text`` nests deeper than ``limit`` (with where), or None; no recursion, no parse.
+
+    Python's JSON decoder recurses once per level, so a deep document ends in
+    RecursionError; this bound is checked on the raw text first.
+    """
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > limit:
+            return f"nested more than {limit} levels deep (a result file nests about 12)"
+    return None
+
+
+def non_finite(data: object) -> list[tuple[tuple[str | int, ...], float]]:
+    """Every NaN or infinite number in parsed JSON ``data``, with its path (iterative)."""
+    found: list[tuple[tuple[str | int, ...], float]] = []
+    todo: list[tuple[tuple[str | int, ...], object]] = [((), data)]
+    while todo:
+        loc, value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((loc, value))
+        elif isinstance(value, dict):
+            todo.extend(((*loc, str(k)), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend(((*loc, i), v) for i, v in enumerate(value))
+    return sorted(found, key=lambda f: [str(x) for x in f[0]])
+
+
+def describe_location(data: object, loc: tuple[str | int, ...]) -> str:
+    """``loc`` in a result document in words: which run, phase and metric (or the JSON path)."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if not (len(loc) >= 4 and loc[0] == "runs" and loc[2] == "phases" and isinstance(data, dict)):
+        return path
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        run = data["runs"][loc[1]]
+        phase = run["phases"][loc[3]]
+        words = (f"workload {run.get('workload')!r} on VM {run.get('vm')!r} repetition "
+                 f"{run.get('repetition')}, phase {phase.get('name')!r}")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return path
+    rest = loc[4:]
+    if len(rest) == 2 and rest[0] == "metrics":
+        words += f", metric {rest[1]!r}"
+    elif rest:
+        words += f", field {'.'.join(str(p) for p in rest)}"
+    return f"{words} ({path})"
+
+
+def load(path: Path) -> RunResult:
+    """Read a result file, refusing schema versions this harness does not know.
+
+    Anything that is not a result this harness wrote is a ResultError naming the
+    file (and, for a bad number, the run, phase and metric): too large, nested
+    too deep, not JSON, a NaN/Infinity or overflowing number, another schema
+    version. Valid JSON of the right version in the wrong shape raises pydantic's
+    ValidationError (a ValueError).
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_RESULT_BYTES:
+            raise ResultError(f"{path}: {size} bytes, more than the {MAX_RESULT_BYTES} a "
+                              "result file may have (fix: give the harness's own result files)")
+        text = path.read_text()
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise ResultError(f"{path}: not a readable result file: {exc}") from exc
+    if (deep := json_depth_problem(text)) is not None:
+        raise ResultError(f"{path}: not a result file: {deep}")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; integers over 4300 digits
         raise ResultError(f"{path}: not a readable result file: {exc}") from exc
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise ResultError(
             f"{path}: schema_version {version!r}, this harness reads "
             f"{SCHEMA_VERSION} (fix: use the harness version that wrote it)"
+        )
+    if bad := non_finite(data):
+        listed = "; ".join(f"{describe_location(data, loc)} is {v}" for loc, v in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ResultError(
+            f"{path}: non-finite numbers, which no measurement is: {listed}{more} (fix: "
+            "rerun, or remove these values; a guest printing them has its metric recorded "
+            "as missing by this harness)"
         )
     return RunResult.model_validate(data)
 

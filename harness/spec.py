@@ -363,6 +363,21 @@ class RunSpec(_Strict):
     params: dict[str, ParamValue] = {}
     repetitions: int | None = Field(default=None, ge=1)
 
+    @field_validator("workload", mode="before")
+    @classmethod
+    def _a_name_not_a_path(cls, value: object) -> object:
+        # A path here would load any TOML on the host as a workload (the harness runs as root).
+        if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value):
+            raise ValueError(
+                f"{value!r} is a path; a workload is named by its file's stem (fix: copy "
+                "the file into workloads/ or into a directory listed in the suite's "
+                "workload_dirs, and give its name)"
+            )
+        return value
+
+    #: Warm-up repetitions per boot before the measured ones (None: the workload's own).
+    warmup: int | None = Field(default=None, ge=0, le=10)
+
 
 class GroupSpec(_Strict):
     """VMs that run at the same time: booted together, traced by one tracer, driven apart."""
@@ -409,6 +424,10 @@ class SuiteSpec(_Strict):
 
     name: Name
     description: str = ""
+    #: Directories, relative to the suite file, holding workloads of its own; searched
+    #: before the catalogue (workloads/), and nothing else is.
+    workload_dirs: list[str] = []
+    #: Measured repetitions of every run per boot (warm-ups come on top).
     repetitions: int = Field(default=1, ge=1)
     vms: Annotated[list[VmSpec], Field(min_length=1)]
     runs: Annotated[list[RunSpec], Field(min_length=1)]
@@ -613,9 +632,67 @@ def load_workload(path: Path) -> WorkloadSpec:
     return workload
 
 
+_WORKLOAD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
 def workload_path(name: str, search: list[Path]) -> Path | None:
-    """Where the workload called ``name`` is defined, first hit in ``search``."""
+    """Where the workload called ``name`` is defined, first hit in ``search``.
+
+    Only a workload name (never a path) is looked up, and only in ``search``.
+    """
+    if not _WORKLOAD_NAME.fullmatch(name):
+        return None
     return next((d / f"{name}.toml" for d in search if (d / f"{name}.toml").is_file()), None)
+
+
+def workload_search(suite: Path, dirs: object) -> tuple[list[Path], list[SpecError]]:
+    """Where a suite's workloads are looked up: its ``workload_dirs``, then the catalogue.
+
+    Never the suite's own or parent directory unless it names them: a suite in
+    /tmp/x must not pick up /tmp/<workload>.toml, nor a suite file as a workload.
+    """
+    search: list[Path] = []
+    problems: list[SpecError] = []
+    for i, entry in enumerate(dirs if isinstance(dirs, list) else []):
+        field = f"workload_dirs[{i}]"
+        if not isinstance(entry, str):
+            continue  # the schema reports it
+        if not entry or Path(entry).is_absolute():
+            problems.append(SpecError(
+                suite, field, f"{entry!r} is not a relative directory",
+                "give a directory relative to the suite file, e.g. \"..\" or \"workloads\"",
+            ))
+            continue
+        d = (suite.parent / entry).resolve()
+        if not d.is_dir():
+            problems.append(SpecError(
+                suite, field, f"{d} is not a directory", "create it or remove the entry",
+            ))
+            continue
+        search.append(d)
+    return [*search, WORKLOADS_DIR], problems
+
+
+def _is_suite_file(path: Path) -> bool:
+    """Whether ``path`` is a suite (it has [[vms]] or [[runs]]), not a workload."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return "phases" not in data and ("runs" in data or "vms" in data)
+
+
+def _unknown_workload(path: Path, field: str, name: str, search: list[Path]) -> SpecError:
+    """The error for a workload name found nowhere, with the closest known names."""
+    known = available_workloads(search)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    where = ", ".join(str(d) for d in search)
+    return SpecError(
+        path, field, f"unknown workload {name!r} ({hint}looked in {where})",
+        f"use one of: {', '.join(known) or 'none'}; or add {name}.toml to workloads/ "
+        "(or to a directory listed in workload_dirs)",
+    )
 
 
 def available_workloads(search: list[Path]) -> list[str]:
@@ -632,14 +709,15 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
     """
     path = path.resolve()
     data = _read_toml(path)
-    # A suite next to its own workloads (suites/ under a workloads dir) finds them first.
-    search = [path.parent.parent, path.parent, WORKLOADS_DIR]
+    search, dir_problems = workload_search(path, data.get("workload_dirs"))
     spec, model_problems = _validated_suite(path, data)
     if spec is None:
         # Report the runs' parameter problems too, so one pass shows every mistake.
-        raise SpecError.combine([*model_problems, *_raw_param_problems(path, data, search)])
+        raise SpecError.combine(
+            [*model_problems, *dir_problems, *_raw_param_problems(path, data, search)]
+        )
     workloads: dict[str, WorkloadSpec] = {}
-    problems: list[SpecError] = list(model_problems)
+    problems: list[SpecError] = [*model_problems, *dir_problems]
     vm_names = [vm.name for vm in spec.vms]
     for i, run in enumerate(spec.runs):
         if run.vm not in vm_names:
@@ -652,12 +730,14 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
         if run.workload not in workloads:
             wpath = workload_path(run.workload, search)
             if wpath is None:
-                known = ", ".join(available_workloads(search)) or "none"
+                problems.append(_unknown_workload(path, f"runs[{i}].workload", run.workload,
+                                                  search))
+                continue
+            if wpath.resolve() == path or _is_suite_file(wpath):
                 problems.append(SpecError(
-                    path,
-                    f"runs[{i}].workload",
-                    f"unknown workload {run.workload!r}",
-                    f"use one of: {known}, or add workloads/{run.workload}.toml",
+                    path, f"runs[{i}].workload",
+                    f"{run.workload!r} names {wpath}, which is a suite, not a workload",
+                    "name a workload (harness workloads lists them)",
                 ))
                 continue
             try:
@@ -718,7 +798,7 @@ def _raw_param_problems(path: Path, data: dict[str, object], search: list[Path])
         if not isinstance(run, dict) or not isinstance(params := run.get("params", {}), dict):
             continue
         wpath = workload_path(str(run.get("workload")), search)
-        if wpath is None:
+        if wpath is None or wpath.resolve() == path or _is_suite_file(wpath):
             continue  # reported once the suite itself is valid
         try:
             workload = load_workload(wpath)

@@ -3,21 +3,30 @@
 Reads a result file only. Stacks of one phase are summed over the
 repetitions of its workload (and over boots), so a tree or flame graph shows
 where that phase's events came from; ``--phase``/``--probe``/``--vm`` narrow it.
+Runs that differ in their parameters are never summed: each parameter set is
+its own entry, labelled with the parameters that differ. Everything here is
+iterative (a result from elsewhere may hold a stack thousands of frames deep)
+and every string from the file is printed through ``textsafe.printable``.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from harness.results import RunResult
+from harness.textsafe import printable
 from harness.trace.model import ProbeStacks, StackCount
 from harness.trace.stacks import function
+
+ParamItems = tuple[tuple[str, str], ...]
+_Key = tuple[str, str, ParamItems, str, str]  # VM, workload, parameters, phase, probe
 
 
 @dataclass
 class PhaseProbeStacks:
-    """The stacks of one probe in one phase (identified by VM, workload, phase), summed."""
+    """The stacks of one probe in one phase (VM, workload, parameters, phase), summed."""
 
     vm: str
     workload: str
@@ -27,11 +36,35 @@ class PhaseProbeStacks:
     stacks: ProbeStacks = field(
         default_factory=lambda: ProbeStacks(events=0, stacked=0, truncated=0, depth=1)
     )
+    #: The parameters that tell this entry from others of its VM and workload (empty
+    #: when the result ran that workload with one parameter set only).
+    params: ParamItems = ()
 
     @property
     def label(self) -> str:
-        """``vm/workload/phase``: the first frame of folded output."""
-        return f"{self.vm}/{self.workload}/{self.phase}"
+        """``vm/workload/phase`` (``vm/workload[k=v,...]/phase`` when parameters differ).
+
+        The first frame of folded output, so it is kept free of spaces, ``;`` and controls.
+        """
+        shown = f"[{','.join(f'{k}={v}' for k, v in self.params)}]" if self.params else ""
+        return _frame(f"{self.vm}/{self.workload}{shown}/{self.phase}")
+
+
+def _params_key(params: dict[str, str | int | float]) -> ParamItems:
+    return tuple(sorted((k, str(v)) for k, v in params.items()))
+
+
+def _differing(result: RunResult) -> dict[tuple[str, str], set[str]]:
+    """Per (VM, workload): the parameter names whose values differ between its runs."""
+    seen: dict[tuple[str, str], set[ParamItems]] = {}
+    for run in result.runs:
+        seen.setdefault((run.vm, run.workload), set()).add(_params_key(run.params))
+    out: dict[tuple[str, str], set[str]] = {}
+    for key, sets in seen.items():
+        names = {n for items in sets for n, _ in items}
+        dicts = [dict(items) for items in sets]
+        out[key] = {n for n in names if len({d.get(n) for d in dicts}) > 1}
+    return out
 
 
 def collect(
@@ -41,27 +74,31 @@ def collect(
     probe: str | None = None,
     vm: str | None = None,
 ) -> list[PhaseProbeStacks]:
-    """Stacks per (VM, workload, phase, probe), summed over repetitions, in run order."""
-    sums: dict[tuple[str, str, str, str], tuple[int, Counter[tuple[str, ...]], list[int]]] = {}
+    """Stacks per (VM, workload, parameters, phase, probe), summed over repetitions."""
+    sums: dict[_Key, tuple[int, Counter[tuple[str, ...]], list[int]]] = {}
+    differing = _differing(result)
     for run in result.runs:
         if vm is not None and run.vm != vm:
             continue
+        names = differing[(run.vm, run.workload)]
+        params = tuple((k, v) for k, v in _params_key(run.params) if k in names)
         for p in run.phases:
             if p.trace is None or (phase is not None and p.name != phase):
                 continue
             for name, st in p.trace.stacks.items():
                 if probe is not None and name != probe:
                     continue
-                key = (run.vm, run.workload, p.name, name)
+                key = (run.vm, run.workload, params, p.name, name)
                 reps, counts, totals = sums.setdefault(key, (0, Counter(), [0, 0, 0, st.depth]))
                 for s in st.stacks:
                     counts[tuple(s.frames)] += s.count
                 totals[0] += st.events
                 totals[1] += st.stacked
                 totals[2] += st.truncated
+                totals[3] = max(totals[3], st.depth)
                 sums[key] = (reps + 1, counts, totals)
     out = []
-    for (vm_name, workload, phase_name, name), (reps, counts, totals) in sums.items():
+    for (vm_name, workload, params, phase_name, name), (reps, counts, totals) in sums.items():
         paths: Counter[str] = Counter()
         for frames, n in counts.items():
             for fn in set(map(function, frames)):
@@ -73,6 +110,7 @@ def collect(
                 phase=phase_name,
                 probe=name,
                 repetitions=reps,
+                params=params,
                 stacks=ProbeStacks(
                     events=totals[0],
                     stacked=totals[1],
@@ -93,7 +131,7 @@ def render_folded(items: list[PhaseProbeStacks]) -> str:
     """Folded stacks for flame-graph tools; first frames ``vm/workload/phase`` and the probe."""
     lines: list[str] = []
     for it in items:
-        lines += folded_lines((it.label, it.probe), it.stacks)
+        lines += folded_lines((it.label, _frame(it.probe)), it.stacks)
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -104,16 +142,25 @@ def render_tree(items: list[PhaseProbeStacks], *, min_share: float = 0.0) -> str
         st = it.stacks
         cover = f"{st.stacked} of {st.events} events stacked"
         cut = f", {st.truncated} cut at depth {st.depth}" if st.truncated else ""
-        out.append(f"== {it.label}  probe {it.probe}  ({it.repetitions} repetition(s); "
-                   f"{cover}{cut})")
+        out.append(f"== {it.label}  probe {printable(it.probe)}  ({it.repetitions} "
+                   f"repetition(s); {cover}{cut})")
         out += [f"  {line}" for line in tree_lines(st, min_share=min_share)]
         out.append("")
     return "\n".join(out)
 
 
 def folded_lines(prefix: tuple[str, ...], stacks: ProbeStacks) -> list[str]:
-    """Brendan Gregg's folded format: ``frame;frame;... count``, outermost frame first."""
-    return [";".join((*prefix, *s.frames)) + f" {s.count}" for s in stacks.stacks]
+    """Brendan Gregg's folded format: ``frame;frame;... count``, outermost frame first.
+
+    Frames from the file are made printable, and a ``;`` or blank in one (which would
+    split it) becomes ``_``.
+    """
+    return [";".join((*prefix, *map(_frame, s.frames))) + f" {s.count}" for s in stacks.stacks]
+
+
+def _frame(text: str) -> str:
+    """One folded-stack frame: printable, without the format's separators."""
+    return re.sub(r"[;\s]", "_", printable(text))
 
 
 @dataclass
@@ -122,8 +169,16 @@ class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
 
 
+#: Deeper levels of a call tree are not indented further (the depth is shown instead).
+MAX_INDENT = 48
+
+
 def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
-    """An indented call tree (outermost first) with the events below each node."""
+    """An indented call tree (outermost first) with the events below each node.
+
+    Built and walked with explicit stacks, not recursion: a result file may hold a
+    stack of any depth.
+    """
     root = _Node()
     for s in stacks.stacks:
         node = root
@@ -132,13 +187,16 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
             node.count += s.count
     total = max(stacks.stacked, 1)
     lines: list[str] = []
-
-    def walk(node: _Node, indent: int) -> None:
-        for name, child in sorted(node.children.items(), key=lambda kv: -kv[1].count):
-            if child.count / total < min_share:
-                continue
-            lines.append(f"{'  ' * indent}{name}  {child.count} ({100 * child.count / total:.1f}%)")
-            walk(child, indent + 1)
-
-    walk(root, 0)
+    todo: list[tuple[int, str, _Node]] = [(-1, "", root)]
+    while todo:
+        depth, name, node = todo.pop()
+        if depth >= 0:
+            pad = "  " * min(depth, MAX_INDENT)
+            deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
+            lines.append(f"{pad}{deep}{printable(name)}  {node.count} "
+                         f"({100 * node.count / total:.1f}%)")
+        children = sorted(node.children.items(), key=lambda kv: -kv[1].count)
+        # Pushed in reverse so the largest child is printed first, as the recursion did.
+        todo.extend((depth + 1, n, c) for n, c in reversed(children)
+                    if c.count / total >= min_share)
     return lines

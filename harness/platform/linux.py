@@ -544,7 +544,9 @@ def run_linux_phase(
         phase.exit_status = out.exit_status
         phase.status = "ok" if out.exit_status == 0 else "failed"
         phase.stdout_tail, phase.stderr_tail = out.stdout[-TAIL_CHARS:], out.stderr[-TAIL_CHARS:]
-        phase.metrics, phase.metrics_missing = metrics.extract(spec, out.stdout + "\n" + out.stderr)
+        got = metrics.extract_checked(spec, out.stdout + "\n" + out.stderr)
+        phase.metrics, phase.metrics_missing, phase.metric_problems = (
+            got.values, got.missing, got.problems)
         if out.exit_status != 0:
             phase.error = f"exit status {out.exit_status}"
     end_ns = tracer.mark_phase(target, 0) if tracer else time.monotonic_ns()

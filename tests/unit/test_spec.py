@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import harness.spec as spec_module
 from harness.paths import SUITES_DIR, WORKLOADS_DIR
 from harness.spec import SpecError, load_suite, load_workload
 
@@ -42,8 +43,10 @@ params = { mib = 32 }
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A catalogue of its own: suites under tree/suites/ find tree's workloads only."""
     write(tmp_path, "touch.toml", WORKLOAD)
+    monkeypatch.setattr(spec_module, "WORKLOADS_DIR", tmp_path)
     return tmp_path
 
 

@@ -38,6 +38,7 @@ count = 64
 
 SUITE = """\
 name = "s"
+workload_dirs = [".."]  # pg.toml sits beside suites/
 [[vms]]
 name = "p"
 image = "paging"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import harness.spec as spec_module
 from harness.cli import main
 from harness.paths import WORKLOADS_DIR
 from harness.spec import ParamSpec, SpecError, available_workloads, load_suite, load_workload
@@ -64,8 +65,10 @@ def write(dir_: Path, name: str, text: str) -> Path:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A catalogue of its own: suites under tree/suites/ find tree's workloads only."""
     write(tmp_path, "touch.toml", WORKLOAD)
+    monkeypatch.setattr(spec_module, "WORKLOADS_DIR", tmp_path)
     return tmp_path
 
 
