@@ -92,7 +92,10 @@ def write_fault_suite(
     """A suite in ``dir_`` with its own workload files; ``runs`` are (workload, vm)."""
     for wname, text in workloads.items():
         (dir_ / f"{wname}.toml").write_text(text)
-    body = f'name = "{name}"\nrepetitions = 1\n\n' + "\n".join(VM.format(name=v) for v in vms)
+    # workload_dirs: the suite's own workloads sit beside it (only named dirs are searched).
+    body = f'name = "{name}"\nrepetitions = 1\nworkload_dirs = ["."]\n\n' + "\n".join(
+        VM.format(name=v) for v in vms
+    )
     for workload, vm in runs:
         body += f'\n[[runs]]\nworkload = "{workload}"\nvm = "{vm}"\n'
     body += f'\n[trace]\nenabled = {str(trace).lower()}\nprobes = ["default"]\n'

@@ -47,7 +47,7 @@ workload = "{workload}"
 vm = "micro"
 """
 
-#: Workload file next to the suite (load_suite searches the suite's own directory).
+#: Workload file next to the suite (found because the suite names its own directory).
 BAD_WORKLOAD = """\
 name = "broken-touch"
 description = "a micro workload whose page count is not a number"
@@ -91,13 +91,17 @@ SUITES: list[tuple[str, str, dict[str, str], list[str]]] = [
     ),
     (
         "malformed-workload",
-        GOOD_SUITE.format(image="micro", vcpus=1, workload="broken-touch"),
+        GOOD_SUITE.format(image="micro", vcpus=1, workload="broken-touch").replace(
+            "repetitions = 1", 'repetitions = 1\nworkload_dirs = ["."]'
+        ),
         {"broken-touch.toml": BAD_WORKLOAD},
         ["broken-touch.toml", "phases[0].pages", "integer"],
     ),
     (
         "workload-toml-syntax",
-        GOOD_SUITE.format(image="micro", vcpus=1, workload="broken-touch"),
+        GOOD_SUITE.format(image="micro", vcpus=1, workload="broken-touch").replace(
+            "repetitions = 1", 'repetitions = 1\nworkload_dirs = ["."]'
+        ),
         {"broken-touch.toml": 'name = "broken-touch\n'},
         ["broken-touch.toml", "not valid TOML", "fix: fix the TOML syntax"],
     ),
