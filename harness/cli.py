@@ -161,6 +161,7 @@ def run(
     except Exception as exc:  # the result file already says what happened
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     result = state.result
+    _warn_host_left_changed(result)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     elif not quiet:
@@ -178,8 +179,12 @@ def _print_table(result: RunResult) -> None:
     Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
 
 
-#: Where an applied host configuration's original values wait for restore (cache dir).
-HOST_RESTORE_FILE = "host-config-restore.json"
+def _warn_host_left_changed(result: RunResult) -> None:
+    """Say on stderr (whatever the output mode) that another run left the host changed."""
+    from harness.host.mmuconfig import describe_left_changed
+
+    for left in result.host_left_changed:
+        click.secho(f"warning: {describe_left_changed(left)}", err=True, fg="yellow")
 
 
 def _run_host_configs(
@@ -198,40 +203,26 @@ def _run_host_configs(
     Prints what a plain run prints, per configuration: the table, or with
     ``as_json`` one JSON array of the results (also those finished before a failure).
     """
-    from harness.host.mmuconfig import HostConfigError, HostConfigurator, plan, restore_from_file
-    from harness.paths import cache_dir
-    from harness.results import write_atomic
-    from harness.run import RunInterrupted, run_suite
+    import os
 
-    restore_file = cache_dir() / HOST_RESTORE_FILE
+    from harness.host.mmuconfig import HostConfigBusy, HostConfigError, host_change_session
+    from harness.paths import cache_dir
+    from harness.run import RunInterrupted
+
     done: list[RunResult] = []
+    failed = False
     try:
-        leftover = restore_from_file(restore_file)  # what a killed run left applied
-        if leftover is not None:
-            click.echo(f"restored what a killed run left: {leftover[0].name}", err=True)
-            if leftover[1]:
-                raise HostConfigError("; ".join(leftover[1]))
-        failed = False
-        for cfg in loaded.spec.host_configs:
-            planned = plan(cfg)
-            click.echo(planned.describe(), err=True)
-            conf = HostConfigurator(restore_file=restore_file)
-            with conf.applied(planned) as record:
-                state = run_suite(loaded, results_dir=results_dir, reporter=reporter,
-                                  trace=False if no_trace else None, command_line=sys.argv,
-                                  stacks=stacks, host_config=record, backend=backend)
-            state.result.host_config = record  # now with restored / restore_errors
-            write_atomic(state.result, state.path)
-            done.append(state.result)
-            if not (as_json or quiet):
-                _print_table(state.result)
-            click.echo(f"result ({cfg.name}): {state.path}", err=as_json)
-            if record.restore_errors:
-                raise HostConfigError("restore failed: " + "; ".join(record.restore_errors))
-            failed |= state.result.status != "complete"
+        # One host-changing run at a time: the lock is held until the last restore.
+        with host_change_session(cache_dir()) as records:
+            _reap_host_leftovers(records)
+            restore_file = records / f"{os.getpid()}.json"
+            failed = _apply_each(loaded, results_dir, reporter, no_trace, stacks, backend,
+                                 restore_file, done, as_json=as_json, quiet=quiet)
     except RunInterrupted as exc:
         click.echo(f"interrupted by {exc}: the host configuration was restored", err=True)
         sys.exit(128 + exc.signum)
+    except HostConfigBusy as exc:
+        raise BadInput(f"host configuration: {exc}") from exc
     except HostConfigError as exc:
         raise click.ClickException(f"host configuration: {exc}") from exc
     finally:
@@ -239,6 +230,64 @@ def _run_host_configs(
             click.echo("[\n" + ",\n".join(r.model_dump_json(indent=2) for r in done) + "\n]")
     if failed:
         sys.exit(1)
+
+
+def _reap_host_leftovers(records: Path) -> None:
+    """Restore what killed runs left applied (owner dead); refuse while an owner lives."""
+    from harness.host.mmuconfig import HostConfigBusy, HostConfigError, reap_leftovers
+
+    for left in reap_leftovers(records):
+        if left.live_owner is not None:
+            raise HostConfigBusy(left.description)
+        click.echo(f"restored what a killed run left: {left.description}", err=True)
+        if left.errors:
+            raise HostConfigError(
+                f"{left.path}: {'; '.join(left.errors)}; the host is not as it was before "
+                "that run: fix the cause, then run `harness host restore`"
+            )
+
+
+def _apply_each(
+    loaded: Suite,
+    results_dir: Path,
+    reporter: Reporter,
+    no_trace: bool,
+    stacks: list[str] | None,
+    backend: str | None,
+    restore_file: Path,
+    done: list[RunResult],
+    *,
+    as_json: bool,
+    quiet: bool,
+) -> bool:
+    """Each host configuration in turn: apply, run, restore. True when a run failed."""
+    from harness.host.mmuconfig import HostConfigError, HostConfigurator, plan
+    from harness.results import write_atomic
+    from harness.run import run_suite
+
+    failed = False
+    for cfg in loaded.spec.host_configs:
+        planned = plan(cfg)
+        click.echo(planned.describe(), err=True)
+        conf = HostConfigurator(restore_file=restore_file)
+        with conf.applied(planned) as record:
+            state = run_suite(loaded, results_dir=results_dir, reporter=reporter,
+                              trace=False if no_trace else None, command_line=sys.argv,
+                              stacks=stacks, host_config=record, backend=backend)
+        state.result.host_config = record  # now with restored / restore_errors
+        write_atomic(state.result, state.path)
+        done.append(state.result)
+        if not (as_json or quiet):
+            _print_table(state.result)
+        _warn_host_left_changed(state.result)
+        click.echo(f"result ({cfg.name}): {state.path}", err=as_json)
+        if record.restore_errors:
+            raise HostConfigError(
+                "restore failed: " + "; ".join(record.restore_errors) + f"; the restore "
+                f"record {restore_file} is kept: fix the cause, then run `harness host restore`"
+            )
+        failed |= state.result.status != "complete"
+    return failed
 
 
 @main.command()
@@ -387,23 +436,43 @@ def host_plan(suite: Path | None, root: Path) -> None:
 
 
 @host.command("restore")
-def host_restore() -> None:
-    """Put back a host configuration that a killed run left applied."""
-    from harness.host.mmuconfig import HostConfigError, restore_from_file
+@click.option("--root", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Find /sys under this directory (tests lay out a sysfs tree there).")
+def host_restore(root: Path | None) -> None:
+    """Put back host configurations that killed runs left applied.
+
+    Only records whose owner process is gone are restored; a live run's
+    settings are its own (exit 2, naming its pid), as is a host-changing run
+    holding the lock now.
+    """
+    from harness.host.mmuconfig import (
+        HostConfigBusy,
+        HostConfigError,
+        host_change_session,
+        reap_leftovers,
+    )
     from harness.paths import cache_dir
 
-    path = cache_dir() / HOST_RESTORE_FILE
     try:
-        done = restore_from_file(path)
+        with host_change_session(cache_dir()) as records:
+            found = reap_leftovers(records, root=root)
+    except HostConfigBusy as exc:
+        raise BadInput(str(exc)) from exc
     except HostConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    if done is None:
-        click.echo(f"nothing to restore ({path} does not exist)")
+    if not found:
+        click.echo(f"nothing to restore (no records in {records})")
         return
-    back, errors = done
-    click.echo(back.describe())
-    if errors:
-        raise click.ClickException("restore incomplete: " + "; ".join(errors))
+    for left in found:
+        click.echo(f"{left.path}: {left.description}")
+        for err in left.errors:
+            click.echo(f"  error: {err}", err=True)
+    if live := [left for left in found if left.live_owner is not None]:
+        raise BadInput("not restored, their runs are alive: " + ", ".join(
+            f"pid {left.live_owner}" for left in live) + " (fix: wait for them to end)")
+    if any(left.errors for left in found):
+        raise click.ClickException("restore incomplete (see the errors above); the records "
+                                   "are kept for another `harness host restore`")
     click.echo("host configuration restored")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.host.facts import HostFacts
-from harness.host.mmuconfig import HostConfigRecord
+from harness.host.mmuconfig import HostConfigRecord, HostLeftChanged
 from harness.trace.model import PhaseTrace, TraceSummary
 
 SCHEMA_VERSION = 1
@@ -184,6 +184,12 @@ class RunResult(_Model):
         default=None,
         description="the host MMU configuration (suite [[host_configs]]) this run was made "
         "under: each setting before, wanted and read back after; None: the host as it was",
+    )
+    host_left_changed: list[HostLeftChanged] = Field(
+        default_factory=list,
+        description="host settings another harness run changed and had not put back when "
+        "this run started (a killed run's leftovers, or a run beside this one): this run "
+        "measured a changed host; `harness host restore` puts it back. Empty: none found",
     )
 
 

@@ -35,7 +35,12 @@ import libvirt
 
 from harness import __version__, tracing
 from harness.host.facts import collect_host_facts
-from harness.host.mmuconfig import HostConfigRecord
+from harness.host.mmuconfig import (
+    HOST_RESTORE_DIR,
+    HostConfigRecord,
+    describe_left_changed,
+    leftover_changes,
+)
 from harness.paths import RESULTS_DIR, cache_dir
 from harness.platform import platform_for
 from harness.platform.base import BootPlan, RunContext, Session
@@ -153,6 +158,7 @@ def run_suite(
 
         for note in lifecycle.reap_leftovers(conn, runs_dir, reporter.step, killed):
             result.notes.append(f"reaped leftover of a killed run: {note}")
+        note_host_left_changed(result, reporter)
         lifecycle.claim_run_dir(state.run_dir, state.path)
         state.save()
         reporter.step(f"run {run_id}: results in {state.path}")
@@ -184,6 +190,23 @@ def run_suite(
             with contextlib.suppress(libvirt.libvirtError):  # a lost libvirtd: nothing to close
                 conn.close()
     return state
+
+
+def note_host_left_changed(
+    result: RunResult, reporter: Reporter, records: Path | None = None
+) -> None:
+    """Record (and report) host settings that other harness runs changed and left changed.
+
+    Every run looks, not only host-changing ones: after a host-changing run was
+    SIGKILLed, a plain run would otherwise measure a changed host and record
+    ``host_config = None`` as if it were not. Only reads; restoring is for
+    ``harness host restore`` or the next ``--allow-host-changes`` run.
+    """
+    left, problems = leftover_changes(records or cache_dir() / HOST_RESTORE_DIR)
+    result.host_left_changed = left
+    result.notes += [f"host restore record: {p}" for p in problems]
+    for item in left:
+        reporter.step(f"warning: {describe_left_changed(item)}")
 
 
 def plan_rounds(suite: Suite) -> list[list[BootPlan]]:
