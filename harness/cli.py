@@ -810,5 +810,16 @@ def validate(suite: Path | None, overrides: tuple[str, ...]) -> None:
     )
 
 
+def _register_report_commands() -> None:
+    # The report and history commands live in harness/cli_reports.py.
+    from harness.cli_reports import history, report
+
+    main.add_command(report)
+    main.add_command(history)
+
+
+_register_report_commands()
+
+
 if __name__ == "__main__":
     main()

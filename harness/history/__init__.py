@@ -1,0 +1,1 @@
+"""`harness history`: an index over many result files (see store.py and docs/REPORTS.md)."""

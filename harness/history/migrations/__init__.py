@@ -1,0 +1,1 @@
+"""Alembic migrations of the history index, run by the tool itself (store.migrate)."""
