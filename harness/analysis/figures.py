@@ -141,6 +141,15 @@ def hist_percentile(buckets: list[HistBucketModel], q: float) -> float:
     return float(ordered[-1].high)
 
 
+#: Units of figures that count events: judged as counts (stats.compare_figure).
+COUNT_UNITS = frozenset({"events", "loads"})
+
+
+def is_count(name: str, unit: str) -> bool:
+    """Whether figure ``name`` counts events (exits, faults, root lookups, path counts)."""
+    return unit in COUNT_UNITS and not name.startswith(("metric.", "time.", "latency."))
+
+
 def is_whole_path(name: str, reps: list[PhaseFigures]) -> bool:
     """Whether ``path.<probe>.<fn>`` covers all of the probe's events in every repetition.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from harness.host.load import BUSY_SHARE
 from harness.results import RunResult, VmRecord
 
 Values = Callable[[RunResult], Iterable[tuple[str, str]]]
@@ -37,6 +38,28 @@ def _kvm_params(r: RunResult) -> Iterable[tuple[str, str]]:
 def _per_vm(attr: str, get: Callable[..., object]) -> Values:
     # One entry per VM name: a suite's VMs are compared VM by VM.
     return lambda r: [(f"vm {vm.name}: {attr}", _s(get(vm))) for vm in r.vms]
+
+
+def _images(r: RunResult) -> Iterable[tuple[str, str]]:
+    """The image of each VM, per work it booted for.
+
+    The micro and paging guests build a ROM per work item (its phases and
+    parameters are the ROM), so one suite boots several images of one VM on
+    purpose: their images are compared per workload and parameters, never
+    pooled as a "mixed" side. A VM whose boots all ran the same work (Linux)
+    has one image entry, as before.
+    """
+    work: dict[str, set[str]] = {}
+    for run in r.runs:
+        if run.boot is not None:
+            params = ",".join(f"{k}={v}" for k, v in sorted(run.params.items()))
+            work.setdefault(run.boot, set()).add(f"{run.workload}[{params}]")
+    for vm in r.vms:
+        image = _s(vm.image_recipe or vm.image_digest)
+        items = work.get(vm.boot) if vm.boot is not None else None
+        per_item = vm.image in ("micro", "paging") and items is not None
+        label = f" for {', '.join(sorted(items))}" if per_item and items else ""
+        yield f"vm {vm.name}: image{label}", image
 
 
 def _selection(vm: VmRecord) -> str:
@@ -67,6 +90,10 @@ CHANGES: list[tuple[Values, str]] = [
     (_host("bpftrace_version"), "bpftrace version"),
     (_host("microcode"), "CPU microcode"),
     (
+        lambda r: [("host.cpu_governor", _s(r.host_load.cpu_governor if r.host_load else None))],
+        "CPU frequency governor",
+    ),
+    (
         lambda r: [("host config", r.host_config.name if r.host_config else "(none applied)")],
         "host MMU configuration applied by the harness ([[host_configs]])",
     ),
@@ -83,7 +110,11 @@ FAIRNESS: list[tuple[Values, str]] = [
     (lambda r: [("schema_version", str(r.schema_version))], "result schema version"),
     (_host("cpu_model"), "a different CPU measures the CPU, not the change"),
     (_host("thp_enabled"), "host THP mode changes how guest memory is backed"),
-    (_per_vm("image", lambda v: v.image_recipe or v.image_digest), "guest image differs"),
+    (
+        lambda r: [("host.thp_defrag", _s(r.host_load.thp_defrag if r.host_load else None))],
+        "host THP defrag mode changes how fast huge pages back guest memory",
+    ),
+    (_images, "guest image differs"),
     (_per_vm("accelerator", lambda v: v.accelerator), "KVM against TCG is not a kernel change"),
     (_per_vm("vcpus", lambda v: v.vcpus), "vCPU count differs"),
     (_per_vm("memory_mib", lambda v: v.memory_mib), "guest memory differs"),
@@ -181,3 +212,27 @@ def differences(base: list[RunResult], candidate: list[RunResult]) -> list[Field
                        if d.field.endswith("probes attached") and d.fair}
     return [d for d in out if not (d.field.endswith("tracer program")
                                    and d.field.removesuffix("tracer program") in attached_differ)]
+
+
+def busy_warnings(base: list[RunResult], candidate: list[RunResult]) -> list[str]:
+    """Warnings for sides measured on a busy host, or beside other VMs.
+
+    Not unfair (the same kernel on a busy host is still the same kernel), but
+    its timings carry the other load: counts stay trustworthy, times do not.
+    """
+    out = []
+    for label, side in (("base", base), ("candidate", candidate)):
+        loads = [r.host_load for r in side if r.host_load is not None]
+        busy = [x for x in loads if x.busy]
+        if busy:
+            worst = max(x.other_cpu_share or 0.0 for x in busy)
+            out.append(
+                f"{label}: {len(busy)} of {len(side)} run(s) measured on a busy host (other "
+                f"processes used up to {worst * 100:.0f}% of its CPU time; busy means "
+                f">= {BUSY_SHARE * 100:.0f}%): time figures carry that load, counts do not"
+            )
+        crowded = [x for x in loads if x.other_vms]
+        if crowded:
+            n = max(len(x.other_vms) for x in crowded)
+            out.append(f"{label}: {len(crowded)} run(s) started beside up to {n} other VM(s)")
+    return out

@@ -1,7 +1,10 @@
 """One side of a comparison: result files gathered from files and directories.
 
-Only finished runs count. A result that is ``running`` (still going, or killed
-before it could say so), ``failed`` or ``incomplete`` is listed with its
+Only finished runs count. A ``complete`` run counts whole; a ``failed`` run
+(the suite went to its end but some work failed) counts with its successful
+phases, and its failures are judged: a phase that fails on the candidate only
+is a regression of its own. A result that is ``running`` (still going, or
+killed before it could say so), ``incomplete`` or ``killed`` is listed with its
 reason and left out, never averaged in. A file that is not a readable result
 of this schema version is bad input: the comparison stops and names it.
 """
@@ -37,6 +40,9 @@ class ResultSet:
     results: list[tuple[Path, RunResult]] = field(default_factory=list)
     excluded: list[Excluded] = field(default_factory=list)
 
+
+#: Statuses whose phases are compared: finished suites, with or without failed work.
+USABLE = ("complete", "failed")
 
 _WHY = {
     "running": "still running, or killed before it could record an end",
@@ -92,16 +98,18 @@ def load_side(label: str, paths: Sequence[Path]) -> ResultSet:
             )
             continue
         seen[result.run_id] = path
-        if result.status != "complete":
+        if result.status not in USABLE:
             reason = _WHY.get(result.status, result.status)
             if result.errors:
-                reason += f": {result.errors[0]}"
+                first = result.errors[0]
+                # The error often starts with the status itself ("killed: ..."): say it once.
+                reason = first if first.startswith(result.status) else f"{reason}: {first}"
             side.excluded.append(Excluded(str(path), result.run_id, result.status, reason))
             continue
         side.results.append((path, result))
     if not side.results:
         listed = "; ".join(f"{e.path} ({e.status})" for e in side.excluded) or "none given"
-        raise InputError(f"{label}: no complete result to compare (left out: {listed})")
+        raise InputError(f"{label}: no finished result to compare (left out: {listed})")
     return side
 
 

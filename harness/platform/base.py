@@ -16,6 +16,7 @@ orchestrator plans boots through it and drives each boot through a
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,30 @@ ChooseAccelerator = Callable[[Literal["auto", "kvm", "tcg"]], Literal["kvm", "tc
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One repetition of one suite run, on one boot."""
+    """One repetition of one suite run, on one boot (a warm-up one: recorded, not compared)."""
 
     run: RunSpec
     workload: WorkloadSpec
     repetition: int
+    warmup: bool = False
+
+
+def boot_items(suite: Suite, runs: list[RunSpec]) -> list[WorkItem]:
+    """The work of one boot: each run's warm-ups, then its measured repetitions, in order."""
+    items: list[WorkItem] = []
+    for run in runs:
+        warm = suite.warmup(run)
+        total = warm + suite.repetitions(run)
+        items += [
+            WorkItem(run, suite.workloads[run.workload], n, warmup=n <= warm)
+            for n in range(1, total + 1)
+        ]
+    return items
+
+
+def boot_name(vm: VmSpec, index: int, boots: int) -> str:
+    """The name of boot ``index`` (1-based) of ``vm``: the VM's name when it boots once."""
+    return vm.name if boots == 1 else f"{vm.name}-b{index}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,25 @@ def with_host_memory(cfg: DomainConfig, ctx: RunContext) -> DomainConfig:
     applied = ctx.state.result.host_config
     kib = applied.guest_hugepages_kib if applied is not None else None
     return cfg if kib is None else dataclasses.replace(cfg, hugepages_kib=kib)
+
+
+def with_pinning(cfg: DomainConfig, vm: VmSpec) -> DomainConfig:
+    """``cfg`` with the VM's vCPU and emulator-thread pinning (``pin_vcpus``, ``pin_emulator``).
+
+    Raises ValueError naming the VM when it names a CPU this host does not have.
+    """
+    cpus = os.cpu_count() or 1
+    bad = sorted({c for c in [*(vm.pin_vcpus or []), *(vm.pin_emulator or [])] if c >= cpus})
+    if bad:
+        raise ValueError(
+            f"VM {vm.name!r}: pin_vcpus/pin_emulator name CPU(s) {bad}, but this host has "
+            f"CPUs 0-{cpus - 1} (fix: pin to CPUs that exist here, or drop the pinning)"
+        )
+    return dataclasses.replace(
+        cfg,
+        vcpu_pins=tuple(vm.pin_vcpus) if vm.pin_vcpus else None,
+        emulator_pins=tuple(vm.pin_emulator) if vm.pin_emulator else None,
+    )
 
 
 class Session(Protocol):

@@ -10,9 +10,12 @@ succeed (docs/RELIABILITY.md):
 
 * ``failed`` (non-zero exit): the rest of that repetition is not run (listed
   in ``not_run``); the boot goes on with its next work item.
-* ``timeout``: the guest's state is unknown (the command may still run), so
-  the rest of the boot is skipped (recorded ``skipped`` with the reason) and
-  the VM destroyed; the suite goes on with its next boot.
+* ``timeout``: what is left of the phase's command (its whole process group:
+  a flood, a process ignoring SIGTERM) is killed in the guest and the boot
+  goes on with its next work item; where that kill cannot be made sure of, the
+  guest's state is unknown, so the rest of the boot is skipped (recorded
+  ``skipped`` with the reason) and the VM destroyed; the suite goes on with
+  its next boot.
 * ``error`` with the VM gone (destroyed, crashed, kernel panic) or the SSH
   connection dropped and the guest not answering again: as a timeout.
 * ``error`` with the SSH connection dropped but the guest answering again
@@ -25,7 +28,6 @@ succeed (docs/RELIABILITY.md):
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +54,10 @@ from harness.platform.base import (
     ChooseAccelerator,
     RunContext,
     WorkItem,
+    boot_items,
+    boot_name,
     with_host_memory,
+    with_pinning,
 )
 from harness.results import PhaseResult, VmRecord, WorkloadRun
 from harness.runstate import RunState, Teardown
@@ -87,13 +92,15 @@ class LinuxPlatform:
     def plan(
         self, suite: Suite, vm: VmSpec, runs: list[RunSpec], group: str | None
     ) -> list[BootPlan]:
-        """One boot for every repetition of every run, in suite order."""
-        items = tuple(
-            WorkItem(run, suite.workloads[run.workload], n)
-            for run in runs
-            for n in range(1, suite.repetitions(run) + 1)
-        )
-        return [BootPlan(vm=vm, items=items, name=vm.name, group=group)] if items else []
+        """``boots`` boots, each running every repetition of every run, in suite order."""
+        items = tuple(boot_items(suite, runs))
+        if not items:
+            return []
+        n = suite.boots(vm)
+        return [
+            BootPlan(vm=vm, items=items, name=boot_name(vm, i, n), group=group)
+            for i in range(1, n + 1)
+        ]
 
     def session(self, ctx: RunContext, plan: BootPlan) -> LinuxSession:
         """A session that boots ``plan.vm`` and runs its workloads over SSH."""
@@ -140,7 +147,7 @@ class LinuxPlatform:
             ssh_port=2222,
             balloon=vm.balloon,
         )
-        return cfg, note
+        return with_pinning(cfg, vm), note
 
 
 class LinuxSession:
@@ -167,6 +174,7 @@ class LinuxSession:
         token = state.new_token()
         record = VmRecord(
             name=vm.name,
+            boot=self.plan.name,
             domain=lifecycle.domain_name(state.result.run_id, self.plan.name),
             image="linux",
             image_digest=image.digest,
@@ -218,9 +226,8 @@ class LinuxSession:
             balloon=vm.balloon,
         )
         state.reporter.step(f"vm {vm.name}: starting {record.domain}")
-        running = lifecycle.start_forwarded(
-            self.ctx.conn, with_host_memory(cfg, self.ctx), self.platform.ssh_port
-        )
+        cfg = with_pinning(with_host_memory(cfg, self.ctx), self.plan.vm)
+        running = lifecycle.start_forwarded(self.ctx.conn, cfg, self.platform.ssh_port)
         # The run directory is deleted at the end; the console log is evidence.
         teardown.callback(_copy_if_exists, console, kept)
         teardown.callback(lifecycle.destroy, running)
@@ -282,6 +289,8 @@ class LinuxSession:
                         vm=item.run.vm,
                         repetition=item.repetition,
                         params={**item.workload.defaults(), **item.run.params},
+                        boot=self.plan.name,
+                        warmup=item.warmup,
                         status="skipped",
                         reason=f"not run: its boot ended early: {why}",
                     )
@@ -324,8 +333,8 @@ class ConsoleWatch:
 
 
 def _copy_if_exists(src: Path, dest: Path) -> None:
-    if src.exists():
-        shutil.copyfile(src, dest)
+    # Never through a symlink or hard link planted at ``dest`` (results dirs may be shared).
+    lifecycle.copy_console_log(src, dest)
 
 
 def _wait_for_ssh(
@@ -371,6 +380,8 @@ def _run_workload(
         vm=run.vm,
         repetition=item.repetition,
         params=params,
+        boot=boot_id,
+        warmup=item.warmup,
         status="incomplete",
     )
     with state.lock:
@@ -425,10 +436,21 @@ def _after_failed_phase(
         phase.error = f"{phase.error} (console log: {record.console_log})"
         return f"phase {phase.name}: the VM is gone: {gone}"
     if phase.status == "timeout":
-        return (
-            f"phase {phase.name} timed out: the guest's state is unknown (its command may "
-            "still run), so this boot's remaining work is skipped and the VM destroyed"
+        # The command may still run (and print, or hold memory): kill all that is left of it.
+        try:
+            killed = guest.kill_phase(target.token, number)
+        except GuestError as exc:
+            state.check_cancel()
+            return (
+                f"phase {phase.name} timed out: the guest's state is unknown (its command may "
+                f"still run: {exc}), so this boot's remaining work is skipped and the VM "
+                "destroyed"
+            )
+        phase.error = (
+            f"{phase.error}; killed {killed} process group(s) left of the phase's command; "
+            "the boot goes on"
         )
+        return None
     # An error with the VM still there: the transport failed, the command's fate unknown.
     try:
         try:
@@ -544,6 +566,8 @@ def run_linux_phase(
         phase.exit_status = out.exit_status
         phase.status = "ok" if out.exit_status == 0 else "failed"
         phase.stdout_tail, phase.stderr_tail = out.stdout[-TAIL_CHARS:], out.stderr[-TAIL_CHARS:]
+        if out.dropped is not None:  # the tail alone would not show that output went missing
+            phase.stdout_tail = f"[harness: {out.dropped}]\n{phase.stdout_tail}"
         got = metrics.extract_checked(spec, out.stdout + "\n" + out.stderr)
         phase.metrics, phase.metrics_missing, phase.metric_problems = (
             got.values, got.missing, got.problems)

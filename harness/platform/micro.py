@@ -17,8 +17,9 @@ from harness.platform.base import (
     BootPlan,
     ChooseAccelerator,
     RunContext,
-    WorkItem,
+    boot_items,
     with_host_memory,
+    with_pinning,
 )
 from harness.results import PhaseResult, VmRecord, WorkloadRun
 from harness.runstate import Teardown
@@ -40,12 +41,11 @@ class MicroPlatform:
     def plan(
         self, suite: Suite, vm: VmSpec, runs: list[RunSpec], group: str | None
     ) -> list[BootPlan]:
-        """One boot per repetition: the phases are the ROM, built for one workload."""
-        items = [
-            WorkItem(run, suite.workloads[run.workload], n)
-            for run in runs
-            for n in range(1, suite.repetitions(run) + 1)
-        ]
+        """One boot per repetition: the phases are the ROM, built for one workload.
+
+        Every boot is fresh, so ``boots`` multiplies the repetitions.
+        """
+        items = boot_items(suite, runs) * suite.boots(vm)
         return [
             BootPlan(vm=vm, items=(item,), name=f"{vm.name}-{i}", group=group)
             for i, item in enumerate(items, start=1)
@@ -66,7 +66,7 @@ class MicroPlatform:
             rom=first / "micro.rom",
             console_log=first / "console.log",
         )
-        return cfg, ""
+        return with_pinning(cfg, vm), ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class MicroSession:
         rom = self._build(out_dir, token)
         record = VmRecord(
             name=vm.name,
+            boot=self.plan.name,
             domain=lifecycle.domain_name(state.result.run_id, self.plan.name),
             image=self.image_kind,
             image_digest=rom.digest,
@@ -127,6 +128,8 @@ class MicroSession:
             vm=vm.name,
             repetition=item.repetition,
             params=item.run.params,
+            boot=self.plan.name,
+            warmup=item.warmup,
             status="incomplete",
         )
         with state.lock:
@@ -140,7 +143,8 @@ class MicroSession:
             rom=rom.path,
             console_log=out_dir / "console.log",
         )
-        running = lifecycle.start(self.ctx.conn, with_host_memory(cfg, self.ctx), paused=True)
+        cfg = with_pinning(with_host_memory(cfg, self.ctx), self.plan.vm)
+        running = lifecycle.start(self.ctx.conn, cfg, paused=True)
         teardown.callback(lifecycle.destroy, running)
         record.qemu_pid = running.pid
         self._running = running

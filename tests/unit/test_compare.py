@@ -62,8 +62,10 @@ def run_result(
     attached: tuple[str, ...] = ("kvm_page_fault", "kvm_exit"),
     not_attached: tuple[str, ...] = (),
     loads: int | None = None,
+    reps_per_boot: int = 1,
 ) -> RunResult:
-    """One run of workload "touch" with one repetition per throughput value."""
+    """One run of workload "touch" with one repetition per throughput value, each its own
+    boot unless ``reps_per_boot`` groups them."""
     h = host()
     h.kernel_release = kernel
     runs = []
@@ -79,8 +81,9 @@ def run_result(
         if phase.trace is not None and loads is not None:
             phase.trace.events_by_probe["kvm_mmu_load"] = loads
         runs.append(
-            WorkloadRun(workload="touch", vm="vm1", repetition=i + 1, params={"mib": 64},
-                        status="ok", phases=[phase])
+            WorkloadRun(workload="touch", vm="vm1", repetition=i % reps_per_boot + 1,
+                        params={"mib": 64}, status="ok", phases=[phase],
+                        boot=f"vm1-b{i // reps_per_boot + 1}")
         )
     return RunResult(
         run_id=run_id,
@@ -188,9 +191,11 @@ def test_one_repetition_per_side_is_not_enough(tmp_path: Path) -> None:
     report = compare(load_side("base", base), load_side("candidate", cand))
     fig = next(f for f in report.figures if f.figure == "metric.mib_per_s")
     assert fig.verdict == "not enough data" and fig.change == pytest.approx(-0.5)
-    assert report.exit_status == 0
+    # Nothing could be tested: no verdict is possible, which is not "no regression".
+    assert report.exit_status == 2 and report.no_verdict is not None
+    assert "NO VERDICT POSSIBLE" in render.headline(report)
     # Still shown, untested: a single quick A/B run should not hide a halved throughput.
-    untested = render.markdown(report).split("too few repetitions")[1]
+    untested = render.markdown(report).split("but not a verdict")[1]
     assert "metric.mib_per_s" in untested and "-50.0%" in untested
 
 
@@ -220,13 +225,26 @@ def test_unfinished_results_are_listed_and_left_out(tmp_path: Path) -> None:
     failed = run_result("bad1", [1.0, 1.0, 1.0], status="failed")
     failed.errors.append("GuestError: boom")
     running = run_result("run1", [1.0, 1.0, 1.0], status="running")
-    side = load_side("base", save(tmp_path, good, failed, running))
-    assert [r.run_id for _, r in side.results] == ["ok1"]
+    incomplete = run_result("inc1", [1.0, 1.0, 1.0], status="incomplete")
+    incomplete.errors.append("interrupted by SIGINT before the suite finished")
+    side = load_side("base", save(tmp_path, good, failed, running, incomplete))
+    # A failed run finished its suite: its good phases count and its failures are judged.
+    assert [r.run_id for _, r in side.results] == ["ok1", "bad1"]
     reasons = {e.run_id: e.reason for e in side.excluded}
-    assert reasons["bad1"] == "failed: GuestError: boom"
     assert "killed" in reasons["run1"]
-    with pytest.raises(InputError, match="no complete result"):
-        load_side("candidate", save(tmp_path, failed))
+    assert reasons["inc1"] == "interrupted before the suite finished: interrupted by SIGINT " \
+        "before the suite finished"
+    with pytest.raises(InputError, match="no finished result"):
+        load_side("candidate", save(tmp_path, running))
+
+
+def test_a_killed_run_is_named_once(tmp_path: Path) -> None:
+    """Issue 22: "left out ... killed: killed ..." said the status twice."""
+    dead = run_result("k1", [1.0, 1.0], status="killed")
+    dead.errors.append("killed: its harness process (pid 7) was gone")
+    side = load_side("base", save(tmp_path, run_result("ok", [1.0, 2.0]), dead))
+    [e] = side.excluded
+    assert e.reason == "killed: its harness process (pid 7) was gone"
 
 
 def test_phases_are_matched_by_parameters(tmp_path: Path) -> None:
