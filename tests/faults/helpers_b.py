@@ -14,36 +14,121 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
-from harness.paths import RESULTS_DIR, cache_dir
-from tests.conftest import harness_domains, stray_tracers
+from harness.host.process import pid_alive
+from harness.paths import cache_dir
+from harness.vm.lifecycle import DOMAIN_PREFIX, OWNER_FILE
+from tests.conftest import harness_domains
+from tests.faults import helpers_a
+from tests.faults.helpers_a import _leaked_domains, _orphaned_tracers, tracer_processes
 
-SCHEMA = json.loads((RESULTS_DIR / "schema.json").read_text())
+
+@dataclass(frozen=True)
+class HostState:
+    """What harness runs have on the host at one moment: domains, tracers, QEMUs, run dirs."""
+
+    domains: frozenset[str]
+    tracers: frozenset[str]
+    qemus: frozenset[str]
+    run_dirs: frozenset[str]
+
+
+def harness_qemus() -> list[str]:
+    """``pgrep -a`` lines of every QEMU started for a harness domain (``guest=kvmh-...``)."""
+    out = subprocess.run(
+        ["pgrep", "-a", "-f", f"guest={DOMAIN_PREFIX}"], capture_output=True, text=True,
+        check=False,
+    ).stdout
+    return [ln for ln in out.splitlines() if ln.strip() and "pgrep" not in ln]
+
+
+def host_state(runs_dir: Path | None = None) -> HostState:
+    """The harness's footprint now; ``runs_dir`` defaults to the shared cache's ``runs``."""
+    runs = runs_dir or cache_dir() / "runs"
+    return HostState(
+        domains=frozenset(harness_domains()),
+        tracers=frozenset(tracer_processes()),
+        qemus=frozenset(harness_qemus()),
+        run_dirs=frozenset(d.name for d in runs.iterdir()) if runs.is_dir() else frozenset(),
+    )
+
+
+def _qemu_domain(line: str) -> str:
+    found = re.search(rf"guest=({DOMAIN_PREFIX}[^,\s]+)", line)
+    return found.group(1) if found else ""
+
+
+def _owner_alive(run_dir: Path) -> bool:
+    if run_dir.name.startswith(".claim-"):  # being claimed: the owner pid ends the name
+        pid_text = run_dir.name.rsplit("-", 1)[-1]
+        return pid_text.isdigit() and pid_alive(int(pid_text))
+    try:
+        return pid_alive(int((run_dir / OWNER_FILE).read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def leaks_since(before: HostState, runs_dir: Path | None = None) -> list[str]:
+    """What appeared since ``before`` and outlived the process that made it.
+
+    Every harness domain, tracer, QEMU and run directory (overlays and consoles
+    live in it) is looked at, whether or not its run ever saved a result file:
+    a run that dies before its first save leaks as visibly as any other. What
+    a live process still owns is another session's run that is still going (a
+    shared development host), not a leak; a QEMU whose domain libvirt no
+    longer lists is a leak whoever started it.
+    """
+    runs = runs_dir or cache_dir() / "runs"
+    now = host_state(runs)
+    leaked_domains = _leaked_domains(set(now.domains - before.domains))
+    listed = set(harness_domains())
+    leaks = [f"libvirt domain {d}" for d in sorted(leaked_domains)]
+    leaks += [f"tracer {t}" for t in sorted(_orphaned_tracers(set(now.tracers - before.tracers)))]
+    leaks += [
+        f"QEMU {q}"
+        for q in sorted(now.qemus - before.qemus)
+        if _qemu_domain(q) not in listed or _qemu_domain(q) in leaked_domains
+    ]
+    leaks += [
+        f"run directory {runs / d}: {sorted(p.name for p in (runs / d).iterdir())}"
+        for d in sorted(now.run_dirs - before.run_dirs)
+        if (runs / d).is_dir() and not _owner_alive(runs / d)
+    ]
+    return leaks
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind_by_fault(tmp_path: Path) -> Iterator[None]:
     """Overrides the conftest check of the same name in the modules that import it.
 
-    The same promise (no harness domain, QEMU or tracer left by the test), made
-    exact on a host where other sessions run the harness at the same time:
-    what counts is what carries the run id of a run this test started (every
-    result file under its tmp_path), not whatever else appeared meanwhile.
+    As strong as the global check (every harness domain, tracer, QEMU and run
+    directory on the host, not only those of runs that saved a result), made
+    fair on a host where other sessions run the harness at the same time (see
+    :func:`leaks_since`); plus, for every run this test started whose result
+    file exists, the exact per-run-id check. An unreadable result file fails:
+    results are written atomically.
     """
+    before = host_state()
     yield
     run_ids = set()
     for f in tmp_path.rglob("*.json"):
+        if f.name.startswith("."):
+            continue
         try:
             run_ids.add(json.loads(f.read_text())["run_id"])
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            pytest.fail(f"{f}: not a readable result file ({exc!r})")
     for run_id in sorted(run_ids):
         assert_nothing_left(run_id)
+    deadline = time.monotonic() + 15  # libvirtd reaps an autodestroy domain asynchronously
+    while (leaks := leaks_since(before)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leaks, f"the fault left these behind: {leaks}"
 
 VM = """\
 [[vms]]
@@ -120,13 +205,8 @@ def start_run(suite: Path, results: Path) -> subprocess.Popen[str]:
 
 def finish(proc: subprocess.Popen[str], timeout_s: float) -> tuple[int, str]:
     """Wait for the run; its exit status and stderr (killed if it overruns)."""
-    try:
-        _, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"the run did not end within {timeout_s:.0f} s: {err[-3000:]}")
-    return proc.returncode, err
+    done = helpers_a.finish(proc, timeout_s)
+    return done.returncode, done.stderr
 
 
 def read_result(results: Path) -> dict[str, Any] | None:
@@ -140,21 +220,13 @@ def read_result(results: Path) -> dict[str, Any] | None:
     return data
 
 
-def only_result(results: Path) -> dict[str, Any]:
-    """The run's one result file, validated against results/schema.json."""
-    files = sorted(results.glob("*.json"))
-    assert len(files) == 1, files
-    data: dict[str, Any] = json.loads(files[0].read_text())
-    jsonschema.validate(data, SCHEMA)
-    return data
+#: The run's one result file, validated against results/schema.json and read back.
+only_result = helpers_a.only_result
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
+    """Poll ``condition`` every 0.2 s until true; fail naming ``what`` after ``timeout_s``."""
+    helpers_a.wait_for(condition, timeout_s, what, poll=0.2)
 
 
 def wait_for_phase(
@@ -221,7 +293,7 @@ def assert_nothing_left(run_id: str) -> None:
     run_dir = cache_dir() / "runs" / run_id
     assert not run_dir.exists(), f"run directory (overlay, console) left: {list(run_dir.iterdir())}"
     assert not list((cache_dir() / "runs").glob(f"{run_id}*")), "a run directory is left"
-    assert not [t for t in stray_tracers() if run_id in t], "bpftrace outlived the run"
+    assert not [t for t in tracer_processes() if run_id in t], "a tracer outlived the run"
 
 
 NEXT_WORKLOAD = """\
