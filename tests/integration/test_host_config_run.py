@@ -21,6 +21,7 @@ import pytest
 
 from harness.host.facts import parse_thp_mode
 from harness.host.mmuconfig import THP_ENABLED
+from tests.faults.helpers_a import private_cache
 
 pytestmark = [
     pytest.mark.integration,
@@ -120,3 +121,71 @@ def test_sigterm_during_the_run_restores_the_host(tmp_path: Path) -> None:
     result = json.loads(path.read_text())
     assert result["status"] == "incomplete"
     assert result["host_config"]["name"] == f"thp-{other}"
+
+
+def test_a_killed_runs_changes_are_reported_by_a_plain_run_and_restored(tmp_path: Path) -> None:
+    """SIGKILL leaves THP changed. While the host-changing run lived, a second one was refused
+    (exit 2, naming it) and did not revert it; after the kill a plain run records and prints
+    the host it measured as still changed; `harness host restore` puts it back."""
+    before = parse_thp_mode(THP.read_text())
+    other = "never" if before != "never" else "always"
+    with private_cache(share_images=True) as cache:  # libvirt-qemu reaches it, tmp_path not
+        _killed_run_left_changed(tmp_path, cache, before, other)
+
+
+def _killed_run_left_changed(tmp_path: Path, cache: Path, before: str | None, other: str) -> None:
+    env = {**os.environ, "HARNESS_CACHE": str(cache)}
+    records = cache / "host-config-restore"
+    changing = tmp_path / "changing.toml"
+    changing.write_text(SUITE.format(timeout=120, switches=10_000_000,
+                                     configs=_configs([other])))
+    plain = tmp_path / "plain.toml"
+    plain.write_text(SUITE.format(timeout=60, switches=100, configs=""))
+    first = subprocess.Popen(
+        _harness("run", str(changing), "--allow-host-changes", "--quiet",
+                 "--results-dir", str(tmp_path / "killed")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while parse_thp_mode(THP.read_text()) != other or not (
+            records / f"{first.pid}.json"
+        ).exists():
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.monotonic() < deadline, "the configuration was never applied"
+            time.sleep(0.2)
+        second = subprocess.run(
+            _harness("run", str(changing), "--allow-host-changes", "--quiet",
+                     "--results-dir", str(tmp_path / "second")),
+            capture_output=True, text=True, timeout=120, check=False, env=env,
+        )
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another harness run (pid {first.pid})" in second.stderr
+        assert parse_thp_mode(THP.read_text()) == other, "the second run reverted a live run"
+        first.kill()
+        first.communicate(timeout=60)
+        assert parse_thp_mode(THP.read_text()) == other  # SIGKILL: nobody restored it
+        run = subprocess.run(
+            _harness("run", str(plain), "--quiet", "--results-dir", str(tmp_path / "plain")),
+            capture_output=True, text=True, timeout=300, check=False, env=env,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"host still changed by killed run pid {first.pid}" in run.stderr
+        assert "harness host restore" in run.stderr
+        (path,) = (tmp_path / "plain").glob("*.json")
+        result = json.loads(path.read_text())
+        assert result["host_config"] is None and result["host"]["thp_enabled"] == other
+        (left,) = result["host_left_changed"]
+        assert (left["owner_pid"], left["owner_alive"]) == (first.pid, False)
+        assert left["settings"] == [{"key": "thp.enabled", "original": before, "now": other}]
+        restore = subprocess.run(_harness("host", "restore"), capture_output=True, text=True,
+                                 timeout=60, check=False, env=env)
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+        assert parse_thp_mode(THP.read_text()) == before
+        assert list(records.glob("*.json")) == []
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        if parse_thp_mode(THP.read_text()) != before:  # leave the shared host as it was
+            THP.write_text(f"{before}\n")
