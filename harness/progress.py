@@ -88,7 +88,7 @@ def summary_table(result: RunResult) -> Table:
                 if tr
                 else ["-"] * 4
             )
-            attribution = tr.attribution if tr else "untraced"
+            attribution: str = tr.attribution if tr else "untraced"
             if tr and (run.boot or run.vm) in tcg_boots and not _any_event(ph):
                 # KVM never ran this guest: its zeros are not a measurement of no exits.
                 counts = ["n/a"] * 4
