@@ -127,7 +127,7 @@ class MicroSession:
             workload=item.workload.name,
             vm=vm.name,
             repetition=item.repetition,
-            params=item.run.params,
+            params={**item.workload.defaults(), **item.run.params},
             boot=self.plan.name,
             warmup=item.warmup,
             status="incomplete",
