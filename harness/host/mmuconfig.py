@@ -671,9 +671,18 @@ class HostConfigurator:
         try:
             if fresh.reload is not None:
                 self._check_unused(fresh.reload.unload)
-                for cmd in fresh.reload.commands():
-                    self.runner(cmd)
-                    commands.append(" ".join(cmd))
+                # Every other parameter stays as it was (one given by hand at the last load
+                # too): the run measures the recorded change and nothing else.
+                wanted: dict[str, dict[str, str]] = {}
+                for st in fresh.changes:
+                    if st.module is not None and st.param is not None:
+                        wanted.setdefault(st.module, {})[st.param] = st.wanted
+                target = [ModuleState(name=m.name, params={**m.params, **wanted.get(m.name, {})})
+                          for m in record.modules]
+                errors = _reload_to(self.root, self.runner, self.writer, target,
+                                    {m: list(ps) for m, ps in fresh.reload.load}, commands)
+                if errors:
+                    raise HostConfigError("; ".join(errors))
             # After the reload: reloading a module resets its writable parameters too.
             for st in fresh.settings:
                 if st.method == "sysfs":
@@ -891,18 +900,24 @@ def _restore_modules(root: Path, runner: Runner, writer: Writer, record: Restore
         return []
     params: dict[str, list[tuple[str, str]]] = {
         m.name: record.module_params(m.name) for m in record.modules}
-    errors = _reload_modules(root, runner, record.modules, params, done)
+    return _reload_to(root, runner, writer, record.modules, params, done)
+
+
+def _reload_to(root: Path, runner: Runner, writer: Writer, target: Sequence[ModuleState],
+               params: dict[str, list[tuple[str, str]]], done: list[str]) -> list[str]:
+    """Reload ``target``'s modules with ``params``, then make every parameter read as in
+    ``target``: a writable one is written, a read-only one is passed to one more reload."""
+    errors = _reload_modules(root, runner, target, params, done)
     if errors:
         return errors
-    wrong = _param_mismatches(root, record.modules)
-    extra = [w for w in wrong if "." in w.key and w.original is not None
-             and not _writable(setting_path(root, w.key)) and _VALUE.match(w.original)]
+    extra = [w for w in _param_mismatches(root, target) if "." in w.key and w.original
+             is not None and not _writable(setting_path(root, w.key)) and _VALUE.match(w.original)]
     if extra:
         for w in extra:
             mod, p = w.key.split(".", 1)
-            params[mod] = [*(x for x in params[mod] if x[0] != p), (p, str(w.original))]
-        errors = _reload_modules(root, runner, record.modules, params, done)
-    for w in _param_mismatches(root, record.modules):
+            params[mod] = [*(x for x in params.get(mod, []) if x[0] != p), (p, str(w.original))]
+        errors = _reload_modules(root, runner, target, params, done)
+    for w in _param_mismatches(root, target):
         path = setting_path(root, w.key) if "." in w.key else None
         if path is not None and w.original is not None and _writable(path):
             try:

@@ -591,3 +591,30 @@ def test_good_values_pass_and_each_becomes_one_argument() -> None:
     assert load_command("kvm_intel", [("ept", "0")]) == ["modprobe", "kvm_intel", "ept=0"]
     with pytest.raises(HostConfigError, match="refusing to pass '0 nested=0'"):
         load_command("kvm_intel", [("ept", "0 nested=0")])
+
+
+def test_a_reload_keeps_the_parameters_it_was_not_asked_to_change(tree: SysfsTreeDouble) -> None:
+    """kvm_intel was loaded by hand with nested=0; a reload for ept=0 keeps nested=0."""
+    tree.unload_module("kvm_intel")
+    tree.load_module("kvm_intel", {"nested": "N"})
+    modprobe = ModprobeDouble(tree)
+    conf = HostConfigurator(root=tree.root, writer=tree.write, runner=modprobe)
+    with conf.applied(plan(spec(kvm_params={"kvm_intel.ept": 0}), tree.root)) as record:
+        assert tree.read("sys/module/kvm_intel/parameters/ept") == "N"
+        assert tree.read("sys/module/kvm_intel/parameters/nested") == "N"
+        assert record.commands[-1] == "modprobe kvm_intel ept=0 nested=N"
+    assert record.restored, record.restore_errors
+    assert tree.read("sys/module/kvm_intel/parameters/ept") == "Y"
+    assert tree.read("sys/module/kvm_intel/parameters/nested") == "N"
+
+
+def test_a_record_from_before_a_reboot_is_dropped_not_replayed(tree: SysfsTreeDouble) -> None:
+    records = tree.root / "records"
+    tree.write(tree.root / "sys/kernel/mm/transparent_hugepage/enabled", "never")
+    earlier = _dead_process().model_copy(update={"boot_id": "00000000-0000-0000-0000-0"})
+    save_record(_record(tree, earlier), records / f"{earlier.pid}.json")
+    assert leftover_changes(records) == ([], [])
+    (left,) = reap_leftovers(records, writer=tree.write)
+    assert "before the last reboot" in left.description
+    assert tree.read("sys/kernel/mm/transparent_hugepage/enabled") == "always madvise [never]"
+    assert list(records.iterdir()) == []
