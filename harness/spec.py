@@ -782,8 +782,9 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
                     "keep K, CR3 writes and pages within the limits named",
                 ))
     problems.extend(_check_groups(path, spec))
-    if not problems and overrides:
-        spec, problems = _apply_overrides(path, spec, workloads, overrides)
+    if overrides:  # checked beside the suite's own problems: one pass shows them all
+        spec, override_problems = _apply_overrides(path, spec, workloads, overrides)
+        problems.extend(override_problems)
     if problems:
         raise SpecError.combine(problems)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -827,6 +828,8 @@ def _apply_overrides(
             ))
             continue
         workload = workloads.get(wname)
+        if workload is None and any(run.workload == wname for run in spec.runs):
+            continue  # the suite runs it, but its file is broken: reported already
         if workload is None:
             problems.append(SpecError(
                 path, field,
