@@ -311,3 +311,13 @@ def test_suite_descriptions_match_their_vms(path: Path) -> None:
     m = re.search(r"\b(one|a single|two|three|four)\b[\w\s-]*?\bguests?\b", text)
     if m:
         assert COUNT_WORDS[m.group(1)] == len(spec.vms), f"{path.name}: {text!r}"
+
+
+def test_set_mistakes_are_reported_beside_the_suites_own(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[[vms]]\nname = "g"\nvcpus = 0\n'
+                   '[[runs]]\nworkload = "page-touch"\nvm = "g"\n')
+    result = CliRunner().invoke(main, ["validate", str(bad), "--set", "page-touch.mib=0"])
+    assert result.exit_code == 2, result.output
+    assert "vms[0].vcpus" in result.output
+    assert "--set page-touch.mib=0" in result.output
