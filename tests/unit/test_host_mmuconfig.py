@@ -28,10 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from harness.host import owner
 from harness.host.mmuconfig import (
+    KNOWN_PARAMS,
     HostConfigBusy,
     HostConfigError,
     HostConfigInterrupted,
@@ -618,3 +621,32 @@ def test_a_record_from_before_a_reboot_is_dropped_not_replayed(tree: SysfsTreeDo
     assert "before the last reboot" in left.description
     assert tree.read("sys/kernel/mm/transparent_hugepage/enabled") == "always madvise [never]"
     assert list(records.iterdir()) == []
+
+
+_KEYS = st.one_of(
+    st.sampled_from(sorted(KNOWN_PARAMS)),
+    st.builds(lambda m, p: f"{m}.{p}", st.sampled_from(["kvm", "kvm_intel", "kvm_amd", "kvmx"]),
+              st.text(min_size=0, max_size=70)),
+    st.text(max_size=40),
+)
+_VALUES = st.one_of(st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                    st.text(max_size=80))
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=_KEYS, value=_VALUES)
+def test_any_parameter_is_refused_with_a_fix_or_becomes_exactly_one_argument(
+    key: str, value: bool | int | str
+) -> None:
+    problem = check_param(key, value)
+    if problem is not None:
+        assert "fix:" in problem
+        with pytest.raises(ValidationError):
+            spec(kvm_params={key: value})
+        return
+    module, param = key.split(".", 1)
+    text = spec(kvm_params={key: value}).settings()[0][1]
+    argv = load_command(module, [(param, text)])
+    assert argv[:2] == ["modprobe", module] and len(argv) == 3
+    assert argv[2].split("=", 1)[0] == param
+    assert not any(c.isspace() for c in argv[2]) and argv[2].count("=") == 1
