@@ -625,12 +625,15 @@ def test_a_record_from_before_a_reboot_is_dropped_not_replayed(tree: SysfsTreeDo
 
 _KEYS = st.one_of(
     st.sampled_from(sorted(KNOWN_PARAMS)),
+    st.from_regex(r"\A(kvm|kvm_intel|kvm_amd)\.[a-z0-9_]{1,20}\n?\Z"),  # unknown parameters
     st.builds(lambda m, p: f"{m}.{p}", st.sampled_from(["kvm", "kvm_intel", "kvm_amd", "kvmx"]),
               st.text(min_size=0, max_size=70)),
     st.text(max_size=40),
 )
 _VALUES = st.one_of(st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                    st.text(max_size=80))
+                    st.text(max_size=80),
+                    st.text(alphabet="aY0,.-_ =", min_size=1, max_size=20),  # near misses
+                    st.text(alphabet="aY0 =\n\t,.-_'\"$;", max_size=70))
 
 
 @settings(max_examples=400, deadline=None)
