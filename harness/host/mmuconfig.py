@@ -1122,17 +1122,19 @@ def host_change_session(cache: Path) -> Iterator[Path]:
     naming the live holder's pid when another process holds the lock.
     """
     lock = cache / HOST_LOCK_FILE
-    try:
-        held = owner.exclusive(lock)
-        held.__enter__()
-    except owner.LockHeld as e:
-        who = f"pid {e.holder.pid}" if e.holder is not None else "another process"
-        raise HostConfigBusy(
-            f"another harness run ({who}) is changing this host's configuration now ({lock} is "
-            "locked); a second --allow-host-changes run would undo or mix its settings "
-            f"(fix: wait for {who} to end, then run again)"
-        ) from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(owner.exclusive(lock))
+        except owner.LockHeld as e:
+            who = f"pid {e.holder.pid}" if e.holder is not None else "another process"
+            raise HostConfigBusy(
+                f"another harness run ({who}) is changing this host's configuration now ({lock} "
+                "is locked); a second --allow-host-changes run would undo or mix its settings "
+                f"(fix: wait for {who} to end, then run again)"
+            ) from None
+        except OSError as e:  # e.g. a symlink planted where the lock file belongs
+            raise HostConfigError(
+                f"{lock}: cannot take the host-change lock ({e.strerror or e}); fix: make it "
+                "a regular file owned by root, or remove it"
+            ) from e
         yield cache / HOST_RESTORE_DIR
-    finally:
-        held.__exit__(None, None, None)

@@ -653,3 +653,13 @@ def test_any_parameter_is_refused_with_a_fix_or_becomes_exactly_one_argument(
     assert argv[:2] == ["modprobe", module] and len(argv) == 3
     assert argv[2].split("=", 1)[0] == param
     assert not any(c.isspace() for c in argv[2]) and argv[2].count("=") == 1
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (tmp_path / "host-config.lock").symlink_to(victim)
+    refused = r"host-config\.lock: cannot take the host-change"
+    with pytest.raises(HostConfigError, match=refused), host_change_session(tmp_path):
+        pass
+    assert victim.read_text() == "keep\n"
