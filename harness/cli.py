@@ -649,6 +649,7 @@ def compare(
     from harness.analysis import compare as cmp
     from harness.analysis import render
     from harness.analysis.resultset import InputError, load_side
+    from harness.textsafe import json_printable, printable
 
     if output is not None and (problem := _output_problem(output)):
         # Before the work, and never exit 1: that status means "regression".
@@ -665,9 +666,10 @@ def compare(
             allow_mismatch=allow_mismatch,
         )
     except (InputError, click.BadParameter) as exc:
-        click.echo(f"harness compare: {exc}", err=True)
+        click.echo(f"harness compare: {printable(str(exc), multiline=True)}", err=True)
         sys.exit(cmp.EXIT_BAD_INPUT)
     text = render.FORMATS[fmt](report)
+    text = json_printable(text) if fmt == "json" else printable(text, multiline=True)
     if output is not None:
         try:
             output.write_text(text)
@@ -675,7 +677,7 @@ def compare(
             click.echo(f"harness compare: --output {output}: cannot write: {exc.strerror} "
                        "(fix: give a writable file path)", err=True)
             sys.exit(cmp.EXIT_BAD_INPUT)
-        click.echo(f"{render.headline(report)}; report: {output}", err=True)
+        click.echo(f"{printable(render.headline(report))}; report: {output}", err=True)
     else:
         click.echo(text, nl=False)
     sys.exit(report.exit_status)

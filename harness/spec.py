@@ -462,15 +462,27 @@ class Suite:
         return run.repetitions or self.spec.repetitions
 
 
+#: Largest suite or workload file read (the shipped ones are a few KiB).
+MAX_SPEC_BYTES = 1024 * 1024
+
+
 def _read_toml(path: Path) -> dict[str, object]:
     try:
+        if (size := path.stat().st_size) > MAX_SPEC_BYTES:
+            raise SpecError(path, "", f"{size} bytes, more than the {MAX_SPEC_BYTES} a suite "
+                            "or workload file may have", "give a suite or workload file")
         text = path.read_text()
     except OSError as exc:
         raise SpecError(path, "", f"cannot read: {exc.strerror}", "check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, "", f"not UTF-8 text: {exc}", "save the file as UTF-8") from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(path, "", f"not valid TOML: {exc}", "fix the TOML syntax") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or table
+        raise SpecError(path, "", "not valid TOML: nested too deep",
+                        "flatten the nested arrays or inline tables") from exc
 
 
 def _validated(model: type[M], path: Path, data: dict[str, object]) -> M:

@@ -22,3 +22,14 @@ def printable(text: str, *, multiline: bool = False) -> str:
     ``multiline`` keeps newlines and tabs (an error text shown as it was written).
     """
     return text.translate(_MULTILINE if multiline else _ESCAPED)
+
+
+_JSON_ESCAPED = {c: f"\\u{c:04x}" for c in _CONTROLS if c >= 0x7F}
+
+
+def json_printable(text: str) -> str:
+    """JSON text with DEL, C1 and bidi controls written as ``\\uXXXX`` (still valid JSON).
+
+    JSON writers escape C0 controls already, but pass these through raw.
+    """
+    return text.translate(_JSON_ESCAPED)

@@ -167,7 +167,8 @@ def parse_query_stats(*replies: Any) -> dict[str, int]:
 
     Accepts either full replies (``{"return": [...]}``) or their ``return`` lists.
     vCPU stats are summed over vCPUs, matching debugfs' per-VM files; booleans
-    count as 0/1; histograms (lists) are skipped.
+    count as 0/1; histograms (lists) are skipped. A reply of any other shape is a
+    ValueError that says so (QEMU's answer is input, not trusted to be well formed).
     """
     total: dict[str, int] = {}
     for reply in replies:
@@ -175,9 +176,16 @@ def parse_query_stats(*replies: Any) -> dict[str, int]:
         if not isinstance(entries, list):
             raise ValueError(f"query-stats reply has no 'return' list: {str(reply)[:200]}")
         for entry in entries:
+            if not isinstance(entry, dict):
+                raise ValueError(f"query-stats reply: an entry is not an object: {entry!r:.200}")
             if entry.get("provider") != "kvm":
                 continue
-            for stat in entry.get("stats", []):
+            stats = entry.get("stats", [])
+            if not isinstance(stats, list):
+                raise ValueError(f"query-stats reply: 'stats' is not a list: {stats!r:.200}")
+            for stat in stats:
+                if not isinstance(stat, dict) or not isinstance(stat.get("name"), str):
+                    raise ValueError(f"query-stats reply: a stat without a name: {stat!r:.200}")
                 value = stat.get("value")
                 if isinstance(value, bool):
                     value = int(value)

@@ -169,6 +169,8 @@ def parse_line(line: str) -> Output | None:
         msg = json.loads(line)
     except json.JSONDecodeError as e:
         raise TraceParseError(f"not JSON ({e}): {line[:200]!r}") from None
+    except RecursionError:  # the decoder recurses per level; no tracer line nests deeply
+        raise TraceParseError(f"JSON nested too deep: {line[:200]!r}") from None
     if not isinstance(msg, dict) or "type" not in msg:
         raise TraceParseError(f"JSON without a 'type': {line[:200]!r}")
     kind, data = msg["type"], msg.get("data")
@@ -254,7 +256,10 @@ def derive_event_views(evt: Mapping[Key, int]) -> dict[str, CounterMap]:
     ev: dict[Key, int] = {}
     total: dict[Key, int] = {}
     vcpu: dict[Key, int] = {}
-    for (pid, tid, g, h, probe), n in evt.items():
+    for key, n in evt.items():
+        if len(key) != 5:
+            raise TraceParseError(f"map @evt: key {key!r} is not [pid, tid, g, h, probe]")
+        pid, tid, g, h, probe = key
         ev[(pid, g, h, probe)] = ev.get((pid, g, h, probe), 0) + n
         total[(pid, probe)] = total.get((pid, probe), 0) + n
         vcpu[(pid, tid, g, h)] = vcpu.get((pid, tid, g, h), 0) + n
