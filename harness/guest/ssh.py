@@ -41,6 +41,9 @@ CHUNK = 65536
 READ_WAIT_S = 0.2
 #: The pause between polls once stdout has ended but the exit status has not arrived.
 IDLE_S = 0.02
+#: After the exit status, how long output may stay quiet without an EOF before it counts
+#: as complete (a background process of the command may hold stdout open).
+LINGER_S = 1.0
 
 # QEMU's user-mode network accepts TCP before the guest's sshd listens, so
 # every early attempt ends in "Error reading SSH protocol banner", which
@@ -155,21 +158,32 @@ class SshGuest:
 
         sshd starts every session in its own session (setsid), so the group of
         the phase's ``sh -c`` holds the whole workload. The bracket in the
-        pattern keeps this command's own shell from matching it.
+        pattern keeps this command's own shell from matching it. The kill is
+        repeated until nothing of the phase is left (a group may still be
+        forking when it is signalled); GuestError if something survives.
         """
         pattern = shlex.quote(f"[k]vm-marker {token} {phase};")  # matches "kvm-marker T N;"
         script = (
-            f"n=0; for p in $(pgrep -f {pattern}); do "
+            "n=0; for try in 1 2 3 4 5 6 7 8 9 10; do "
+            f"ps=$(pgrep -f {pattern}); "
+            '[ -z "$ps" ] && { echo killed $n; exit 0; }; '
+            "for p in $ps; do "
             "g=$(ps -o pgid= -p $p | tr -d ' '); "
             '[ -n "$g" ] && kill -KILL -- -$g 2>/dev/null && n=$((n+1)); '
-            "done; echo $n"
+            "done; sleep 0.2; done; "
+            f"echo left $(pgrep -f {pattern} | tr '\\n' ' '); exit 1"
         )
         out = self.run(script, timeout_s=30)
+        words = out.stdout.split()
+        if out.exit_status != 0 or len(words) < 2 or words[0] != "killed":
+            raise GuestError(
+                f"processes of phase {phase} survived SIGKILL of their group "
+                f"({out.stdout.strip() or out.stderr.strip() or 'no answer'})"
+            )
         try:
-            return int(out.stdout.split()[-1])
-        except (IndexError, ValueError):
+            return int(words[1])
+        except ValueError:
             return 0
-
 
     def put(self, local: Path, remote: str) -> None:
         """Copy ``local`` to ``remote`` over SFTP."""
@@ -201,12 +215,18 @@ class SshGuest:
 def _read_until_exit(
     chan: paramiko.Channel, watch: CommandWatch, out: BoundedOutput, err: BoundedOutput
 ) -> None:
-    """Read both streams until the exit status has arrived and nothing is left to read.
+    """Read both streams until the exit status and the end of the output have arrived.
 
     ``watch`` is asked before every read, so neither a guest that floods its
-    output nor one that prints nothing can keep this past the deadline.
+    output nor one that prints nothing can keep this past the deadline. The
+    exit status can overtake the last output (sshd sends it while output
+    still waits for window space), so the output counts as complete at the
+    guest's EOF; without one (a background process holds stdout open), once
+    nothing has come for LINGER_S after the exit status.
     """
     out_open = True
+    quiet_since = time.monotonic()
+    exited_at: float | None = None
     while True:
         watch.check(out, err)
         got = False
@@ -216,12 +236,16 @@ def _read_until_exit(
         if chan.recv_stderr_ready():
             err.feed(chan.recv_stderr(CHUNK))
             got = True
+        now = time.monotonic()
         if got:
+            quiet_since = now
             continue
         if chan.exit_status_ready():
-            if not chan.recv_ready() and not chan.recv_stderr_ready():
+            exited_at = now if exited_at is None else exited_at
+            if chan.eof_received or chan.closed:
                 return
-            continue
+            if now - max(quiet_since, exited_at) > LINGER_S:
+                return
         if out_open:
             # Nothing waiting: block briefly for stdout (b"" means it reached EOF).
             try:
@@ -230,6 +254,7 @@ def _read_until_exit(
                 continue
             out_open = bool(data)
             out.feed(data)
+            quiet_since = time.monotonic() if data else quiet_since
         else:
             time.sleep(IDLE_S)
 

@@ -61,10 +61,16 @@ class FakeChannelDouble:
         status: int = 0,
         s_per_chunk: float = 0.001,
         max_chunks: int = 100_000,
+        status_first: bool = False,
     ) -> None:
         self.clock, self.flood, self.status = clock, flood, status
         self.stdout, self.stderr = bytearray(stdout), bytearray(stderr)
         self.s_per_chunk, self.max_chunks = s_per_chunk, max_chunks
+        # status_first: the exit status is there from the start and the output trickles in
+        # after it, each chunk only after two polls found nothing ready (sshd sends the
+        # status while the rest of the output still waits for window space).
+        self.status_first = status_first
+        self._gap = 0
         self.chunks = 0
         self.closed = False
 
@@ -75,6 +81,9 @@ class FakeChannelDouble:
         pass
 
     def _hand_out(self, buf: bytearray, n: int) -> bytes:
+        self._gap = 2 if self.status_first else 0
+        if not buf and not self.flood:
+            return b""  # EOF
         self.chunks += 1
         if self.chunks > self.max_chunks:
             raise ReaderRunaway(f"{self.chunks} chunks read, past any deadline")
@@ -86,6 +95,9 @@ class FakeChannelDouble:
         return data
 
     def recv_ready(self) -> bool:
+        if self._gap > 0:
+            self._gap -= 1
+            return False
         return self.flood or bool(self.stdout)
 
     def recv(self, n: int) -> bytes:
@@ -98,6 +110,10 @@ class FakeChannelDouble:
         return self._hand_out(self.stderr, n)
 
     def exit_status_ready(self) -> bool:
+        return self.status_first or (not self.flood and not self.stdout and not self.stderr)
+
+    @property
+    def eof_received(self) -> bool:
         return not self.flood and not self.stdout and not self.stderr
 
     def recv_exit_status(self) -> int:
@@ -177,6 +193,15 @@ def test_large_output_that_ends_keeps_head_and_tail_and_says_what_was_dropped(
     assert f"[harness: {dropped} bytes of output dropped here]" in got.stdout
     assert got.dropped is not None and f"dropped {dropped} in between" in got.dropped
     assert "stderr" not in got.dropped
+
+
+def test_output_that_arrives_after_the_exit_status_is_all_read(clock: FakeClock) -> None:
+    # Seen with a real guest: the last 8 KiB of 64 MiB (with the figure printed last)
+    # arrived after the exit status, and the reader stopped at the status.
+    body = b"y" * (5 * CHUNK) + b"\nlast=9\n"
+    chan = FakeChannelDouble(clock, stdout=body, status_first=True)
+    got = guest_on(chan).run("flood", timeout_s=600)
+    assert got.stdout == body.decode() and got.exit_status == 0
 
 
 def test_small_output_is_returned_whole_and_nothing_is_reported_dropped(
