@@ -95,8 +95,9 @@ def summary_table(result: RunResult) -> Table:
                 attribution = TCG_NOTE
             table.add_row(
                 run.workload,
-                run.vm,
-                str(run.repetition),
+                # A VM booted several times: which boot (repetitions restart at 1 in each).
+                run.boot if run.boot and run.boot != run.vm else run.vm,
+                f"{run.repetition} (warm-up)" if run.warmup else str(run.repetition),
                 ph.name,
                 ph.status,
                 f"{ph.duration_s:.3f}" if ph.duration_s is not None else "-",

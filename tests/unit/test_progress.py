@@ -45,3 +45,14 @@ def test_events_under_tcg_are_shown_as_counted() -> None:
     out = text(traced("tcg", exits=3))
     row = next(line for line in out.splitlines() if "touch" in line and "vm1" in line)
     assert "n/a" not in row and " 3 " in row
+
+
+def test_boots_and_warm_ups_are_told_apart() -> None:
+    r = traced("kvm")
+    first = r.runs[0]
+    first.boot, first.warmup = "vm1-b1", True
+    second = first.model_copy(update={"boot": "vm1-b2", "warmup": False})
+    r.runs.append(second)
+    rows = [line for line in text(r).splitlines() if "touch" in line]
+    assert "vm1-b1" in rows[0] and "1 (warm-up)" in rows[0]
+    assert "vm1-b2" in rows[1] and "warm-up" not in rows[1]
