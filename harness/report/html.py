@@ -367,12 +367,6 @@ def result_section(page: Page, path: Path, result: RunResult) -> None:
 
 # ---------------------------------------------------------------- comparison
 
-#: FigureResult fields the comparison table shows through render.row.
-_SHOWN = {"phase", "figure", "unit", "higher_is_better", "median_base", "median_candidate",
-          "change", "ci_low", "ci_high", "q", "verdict", "offset_by", "decomposition",
-          "only_in"}
-
-
 def _extra(model: BaseModel, shown: set[str]) -> str:
     """Fields the table does not show (e.g. ones added to the model later), as k=v."""
     data = model.model_dump(mode="json")
@@ -380,10 +374,20 @@ def _extra(model: BaseModel, shown: set[str]) -> str:
 
 
 def _figure_rows(figs: list[FigureResult]) -> list[list[str]]:
-    return [[*render.row(f), f.verdict, _extra(f, _SHOWN)] for f in figs]
+    return [[*render.row(f), f.verdict] for f in figs]
 
 
-_HEADERS = [*render.HEADERS, "verdict", "more"]
+_HEADERS = [*render.HEADERS, "verdict"]
+
+
+def _all_fields(figs: list[FigureResult]) -> str:
+    """Every field of every figure, whatever the model holds (nothing the tables omit is lost)."""
+    dumped = [f.model_dump(mode="json") for f in figs]
+    keys = [k for k in dict.fromkeys(k for d in dumped for k in d) if k != "phase"]
+    rows = [[f.phase.label(), *(d.get(k) for k in keys)] for f, d in zip(figs, dumped,
+                                                                          strict=True)]
+    return ("<details><summary>Every field of every figure</summary>"
+            + table(["phase", *keys], rows, numeric=False) + "</details>")
 
 
 def comparison_section(page: Page, report: ComparisonReport) -> None:
@@ -418,6 +422,7 @@ def comparison_section(page: Page, report: ComparisonReport) -> None:
     rest = [f for f in report.figures if f.verdict in ("no change", "not enough data")]
     page.add(f"<details><summary>Unchanged or untested: {len(rest)} figures</summary>"
              + table(_HEADERS, _figure_rows(rest), numeric=False) + "</details>")
+    page.add(_all_fields(report.figures))
     if report.unmatched_phases:
         page.add("<p>Unmatched phases: " + esc("; ".join(report.unmatched_phases)) + "</p>")
     sides = []
