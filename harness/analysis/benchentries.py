@@ -34,9 +34,12 @@ def _median_dict(dicts: list[dict[str, int]] | list[dict[str, float]]) -> dict[s
 
 
 def entries(result: RunResult) -> list[BenchEntry]:
-    """One entry per phase identity, in the order the suite ran them."""
+    """One entry per phase identity, in the order the suite ran them; warm-up repetitions
+    are left out, as compare leaves them out."""
     grouped: dict[str, list[PhaseResult]] = {}  # insertion order = run order
     for run in result.runs:
+        if run.warmup:
+            continue
         params = ",".join(f"{k}={v}" for k, v in sorted(run.params.items()))
         for phase in run.phases:
             if phase.status == "ok" and phase.duration_s is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.image.paging import build_paging_image, recipe_digest
-from harness.platform.base import BootPlan, ChooseAccelerator, RunContext
+from harness.platform.base import BootPlan, ChooseAccelerator, RunContext, with_pinning
 from harness.platform.micro import BuiltRom, MicroPlatform, MicroSession
 from harness.spec import PhaseSpec, VmSpec
 from harness.vm import configs
@@ -37,7 +37,7 @@ class PagingPlatform(MicroPlatform):
             name=domain, memory_mib=vm.memory_mib, rom=first / "paging.rom",
             console_log=first / "console.log",
         )
-        return cfg, ""
+        return with_pinning(cfg, vm), ""
 
 
 class PagingSession(MicroSession):
