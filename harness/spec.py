@@ -486,11 +486,11 @@ def _read_toml(path: Path) -> dict[str, object]:
 
 
 def _validated(model: type[M], path: Path, data: dict[str, object]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = [_problem(model, path, err, tuple(err["loc"])) for err in exc.errors()]
-        raise SpecError.combine(problems) from exc
+    """``data`` as ``model``; a SpecError listing every problem otherwise."""
+    valid, problems = _validated_all(model, path, data)
+    if problems or valid is None:
+        raise SpecError.combine(problems)
+    return valid
 
 
 def _problem(
@@ -539,21 +539,21 @@ def _item_model(annotation: object) -> object:
     return annotation
 
 
-#: Enough passes of :func:`_validated_suite` for any real suite (each drops a bad key).
+#: Enough passes of :func:`_validated_all` for any real file (each drops a bad key).
 _MAX_PASSES = 25
 Loc = tuple[str | int, ...]
 
 
-def _validated_suite(
-    path: Path, data: dict[str, object]
-) -> tuple[SuiteSpec | None, list[SpecError]]:
-    """The suite model (None if no valid remainder) and every problem of its fields.
+def _validated_all(
+    model: type[M], path: Path, data: dict[str, object]
+) -> tuple[M | None, list[SpecError]]:
+    """The model of what is valid in ``data`` (None if nothing is) and every problem found.
 
     pydantic reports one table's field errors but runs its own checks (trace's
     probe names, say) only once those pass, and the cross-reference checks of
     load_suite need a whole model: one mistake hides the next. So each pass
     reports what failed, drops it (its default applies; a list entry goes) and
-    validates again, until what is left is a valid suite to check further.
+    validates again, until what is left is a valid model to check further.
     """
     work = copy.deepcopy(data)
     problems: list[SpecError] = []
@@ -562,7 +562,7 @@ def _validated_suite(
     kept: dict[Loc, list[int]] = {}  # a list's original path -> original index of each entry
     for _ in range(_MAX_PASSES):
         try:
-            return SuiteSpec.model_validate(work), problems
+            return model.model_validate(work), problems
         except ValidationError as exc:
             errors = exc.errors()
         targets: dict[Loc, Loc] = {}  # where to drop (now) -> the same place as written
@@ -573,7 +573,7 @@ def _validated_suite(
                 d[:len(loc)] == loc for d in dropped
             )
             if not consequence:
-                problem = _problem(SuiteSpec, path, err, loc)
+                problem = _problem(model, path, err, loc)
                 if str(problem) not in seen:
                     seen.add(str(problem))
                     problems.append(problem)
@@ -722,7 +722,7 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
     path = path.resolve()
     data = _read_toml(path)
     search, dir_problems = workload_search(path, data.get("workload_dirs"))
-    spec, model_problems = _validated_suite(path, data)
+    spec, model_problems = _validated_all(SuiteSpec, path, data)
     if spec is None:
         # Report the runs' parameter problems too, so one pass shows every mistake.
         raise SpecError.combine(
