@@ -321,3 +321,19 @@ def test_set_mistakes_are_reported_beside_the_suites_own(tmp_path: Path) -> None
     assert result.exit_code == 2, result.output
     assert "vms[0].vcpus" in result.output
     assert "--set page-touch.mib=0" in result.output
+
+
+def test_a_workload_files_mistakes_come_in_one_pass(tmp_path: Path) -> None:
+    """Field errors no longer hide the workload's own checks (placeholders, guest fit)."""
+    (tmp_path / "bad-w.toml").write_text(
+        'name = "bad-w"\nguest = "linux"\ndescripton = "x"\n'
+        '[[phases]]\nname = "p"\ncommand = "run {mib}"\ntimeout_s = -1\n'
+    )
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "s"\nworkload_dirs = ["."]\n[[vms]]\nname = "g"\n'
+                     '[[runs]]\nworkload = "bad-w"\nvm = "g"\n')
+    result = CliRunner().invoke(main, ["validate", str(suite)])
+    assert result.exit_code == 2, result.output
+    assert "phases[0].timeout_s" in result.output
+    assert "descripton" in result.output and "did you mean 'description'" in result.output
+    assert "commands use ['mib'] but [params] does not define them" in result.output
