@@ -515,6 +515,12 @@ class HostConfigRecord(BaseModel):
     name: str
     settings: list[SettingRecord]
     commands: list[str] = Field(description="the commands run to apply it, in order")
+    side_effects: list[str] = Field(
+        default_factory=list,
+        description="module parameters that read otherwise after the reload than before it, "
+        "besides the settings asked for, as 'module.param: before -> after' (the kernel "
+        "derives some, e.g. kvm_intel.unrestricted_guest is N under ept=0)",
+    )
     restored: bool = Field(default=False, description="original values put back afterwards")
     restore_errors: list[str] = Field(default_factory=list)
     guest_hugepages_kib: int | None = Field(
@@ -668,6 +674,7 @@ class HostConfigurator:
         self._save(record)
         self._record = record
         commands: list[str] = []
+        side_effects: list[str] = []
         try:
             if fresh.reload is not None:
                 self._check_unused(fresh.reload.unload)
@@ -680,9 +687,14 @@ class HostConfigurator:
                 target = [ModuleState(name=m.name, params={**m.params, **wanted.get(m.name, {})})
                           for m in record.modules]
                 errors = _reload_to(self.root, self.runner, self.writer, target,
-                                    {m: list(ps) for m, ps in fresh.reload.load}, commands)
+                                    {m: list(ps) for m, ps in fresh.reload.load}, commands,
+                                    only_disabled=True)
                 if errors:
                     raise HostConfigError("; ".join(errors))
+                asked = {st.key for st in fresh.settings}
+                side_effects = [f"{w.key}: {w.original} -> {w.now}"
+                                for w in _param_mismatches(self.root, record.modules)
+                                if w.key not in asked]
             # After the reload: reloading a module resets its writable parameters too.
             for st in fresh.settings:
                 if st.method == "sysfs":
@@ -704,6 +716,7 @@ class HostConfigurator:
             name=fresh.name,
             settings=records,
             commands=commands,
+            side_effects=side_effects,
             guest_hugepages_kib=fresh.guest_hugepages_kib,
         )
 
@@ -904,14 +917,22 @@ def _restore_modules(root: Path, runner: Runner, writer: Writer, record: Restore
 
 
 def _reload_to(root: Path, runner: Runner, writer: Writer, target: Sequence[ModuleState],
-               params: dict[str, list[tuple[str, str]]], done: list[str]) -> list[str]:
+               params: dict[str, list[tuple[str, str]]], done: list[str], *,
+               only_disabled: bool = False) -> list[str]:
     """Reload ``target``'s modules with ``params``, then make every parameter read as in
-    ``target``: a writable one is written, a read-only one is passed to one more reload."""
+    ``target``: a writable one is written, a read-only one is passed to one more reload.
+
+    ``only_disabled`` passes again only parameters that should read N or 0: a
+    default load turns a feature disabled by hand back on, while one that reads
+    N where it read Y was turned off by the kernel itself (``unrestricted_guest``
+    under ``ept=0``), which no argument changes.
+    """
     errors = _reload_modules(root, runner, target, params, done)
     if errors:
         return errors
     extra = [w for w in _param_mismatches(root, target) if "." in w.key and w.original
-             is not None and not _writable(setting_path(root, w.key)) and _VALUE.match(w.original)]
+             is not None and not _writable(setting_path(root, w.key)) and _VALUE.match(w.original)
+             and (not only_disabled or normalize(w.original) in ("N", "0"))]
     if extra:
         for w in extra:
             mod, p = w.key.split(".", 1)
