@@ -133,7 +133,7 @@ def run(
     if loaded.spec.host_configs:
         if not allow_host_changes:
             names = ", ".join(c.name for c in loaded.spec.host_configs)
-            raise click.ClickException(
+            raise BadInput(  # refused before anything starts, like any other bad input
                 f"{loaded.path} lists host configurations ({names}) that change this host; "
                 f"review them with `harness host plan {loaded.path}`, then pass "
                 "--allow-host-changes"
