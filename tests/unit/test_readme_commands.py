@@ -169,6 +169,9 @@ def test_compare_exit_codes_are_the_documented_ones(tmp_path: Path) -> None:
 def test_bad_input_exits_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text('name = "x"\n[[vms]]\nname = "g"\nvcpus = 0\n')
+    host_changing = tmp_path / "host.toml"
+    host_changing.write_text('name = "h"\n[[vms]]\nname = "g"\n[[runs]]\nworkload = "page-touch"\n'
+                             'vm = "g"\n[[host_configs]]\nname = "thp"\nthp = "never"\n')
     bad_result = tmp_path / "bad.json"
     bad_result.write_text("{not json")
     cases = [
@@ -180,6 +183,7 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
         ["host", "plan", str(broken)],
         ["run", str(broken)],
         ["run", "--stacks", "nope"],
+        ["run", str(host_changing)],  # without --allow-host-changes
         ["stacks", str(bad_result)],
         ["compare", str(bad_result), str(bad_result)],
         ["compare", "--threshold", "5", str(bad_result), str(bad_result)],
