@@ -668,6 +668,7 @@ def compare(
     except (InputError, click.BadParameter) as exc:
         click.echo(f"harness compare: {printable(str(exc), multiline=True)}", err=True)
         sys.exit(cmp.EXIT_BAD_INPUT)
+    # Names, frames and errors in the report come from result files of other hosts.
     text = render.FORMATS[fmt](report)
     text = json_printable(text) if fmt == "json" else printable(text, multiline=True)
     if output is not None:

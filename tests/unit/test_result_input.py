@@ -121,3 +121,36 @@ def test_an_integer_of_5000_digits_is_a_result_error(tmp_path: Path) -> None:
 def test_a_real_result_still_loads(tmp_path: Path) -> None:
     r = a_result("r1", [1.5, 2.5])
     assert load(save(tmp_path, r)) == r
+
+
+def test_compare_shows_result_strings_escaped_in_every_format(tmp_path: Path) -> None:
+    """Issue 17 item 10: strings from result files never reach a terminal as controls."""
+    evil = "touch\x1b]0;owned\x07\x9b2J\u202e"
+    base = a_result("base", [100.0, 101.0, 99.0], phase=evil)
+    cand = a_result("cand", [100.5, 100.0, 99.5], phase=evil)
+    cand.host.kernel_release = evil  # "what changed" shows it in every format
+    a, b = save(tmp_path / "a", base), save(tmp_path / "b", cand)
+    for fmt in ("table", "md", "json"):
+        res = CliRunner().invoke(main, ["compare", str(a), str(b), "--format", fmt])
+        assert res.exit_code in (0, 1, 2), res.output
+        assert not any(c in res.output for c in "\x1b\x07\x9b\u202e"), (fmt, res.output)
+        if fmt == "json":
+            text = res.output[res.output.index("{"):]
+            assert evil in strings(json.loads(text))  # the data itself is kept
+        else:
+            assert "\\x1b]0;owned" in res.output and "\\u202e" in res.output, res.output
+
+
+def strings(value: object) -> set[str]:
+    """Every string in a JSON tree."""
+    found: set[str] = set()
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            found.add(v)
+        elif isinstance(v, dict):
+            todo += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            todo += v
+    return found
