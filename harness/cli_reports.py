@@ -150,18 +150,31 @@ def history_show(suite: str, metric: str | None, since: str | None, host: str | 
 @click.argument("suite")
 @click.option("--host-class", "host_cls", help="Only runs of this host class "
               "('VENDOR MODEL / MMU-MODE', as `history baseline --json` prints it).")
+@click.option("--host-class-of", "like", type=click.Path(path_type=Path, dir_okay=False),
+              help="Only runs of the host class of this result file (e.g. the run just made).")
 @click.option("--shard", help="Only runs made with this --shard K/N.")
 @click.option("--exclude", multiple=True, metavar="RUN_ID",
               help="Never this run (e.g. the one just made); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's record as JSON.")
 @DB_OPTION
-def history_baseline(suite: str, host_cls: str | None, shard: str | None,
+def history_baseline(suite: str, host_cls: str | None, like: Path | None, shard: str | None,
                      exclude: tuple[str, ...], as_json: bool, db: str | None) -> None:
-    """The last complete run of SUITE: the file to compare against (exit 1: none yet)."""
+    """The last complete run of SUITE: the file to compare against (exit 1: none yet).
+
+    Runs of another host class are never a baseline when --host-class or
+    --host-class-of is given (compare's fairness check would refuse them anyway).
+    """
     import json
     from dataclasses import asdict
 
-    from harness.history.store import baseline
+    from harness.history.store import baseline, host_class
+    from harness.results import ResultError, load
+
+    if like is not None:
+        try:
+            host_cls = host_class(load(like))
+        except (ResultError, ValueError) as exc:
+            raise BadInput(f"--host-class-of: {str(exc).splitlines()[0]}") from None
 
     found = baseline(_engine(db), suite, host_cls=host_cls, shard=shard,  # type: ignore[arg-type]
                      exclude=exclude)
