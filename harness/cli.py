@@ -604,8 +604,8 @@ def _side_paths(spec: str) -> list[Path]:
 @click.argument("candidate")
 @click.option(
     "--threshold", default="5%", show_default=True, callback=_threshold,
-    help="Smallest change of a median that can be a regression or improvement: a percentage "
-    "(5%) or a fraction below 1 (0.05, as the JSON report stores it).",
+    help="Smallest change (of the ratio of geometric means) that can be a regression or "
+    "improvement: a percentage (5%) or a fraction below 1 (0.05, as the JSON report stores it).",
 )
 @click.option(
     "--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
@@ -614,11 +614,18 @@ def _side_paths(spec: str) -> list[Path]:
 @click.option(
     "--test", "test_name", type=click.Choice(["welch", "mann-whitney"]), default="welch",
     show_default=True,
-    help="welch: Welch's t on log values (3+ repetitions); mann-whitney: rank test (8+).",
+    help="welch: Welch's t on per-boot mean log values (2+ boots a side); mann-whitney: "
+    "rank test on the same boot summaries (8+ boots).",
 )
 @click.option(
     "--correction", type=click.Choice(["bh", "holm"]), default="bh", show_default=True,
-    help="bh: Benjamini-Hochberg false discovery rate; holm: family-wise error.",
+    help="For the findings listed: bh (Benjamini-Hochberg false discovery rate) or holm "
+    "(family-wise). The exit status always uses Holm.",
+)
+@click.option(
+    "--unit", type=click.Choice(["boot", "repetition"]), default="boot", show_default=True,
+    help="The independent sample: boot (repetitions of one boot are averaged first) or "
+    "repetition (older results, or to see what pooling would claim; it understates noise).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "md", "json"]), default="table",
@@ -639,12 +646,25 @@ def compare(
     fmt: str,
     output: Path | None,
     allow_mismatch: bool,
+    unit: str,
 ) -> None:
     """Compare result sets BASE and CANDIDATE (kernel A vs B); exit 1 on a regression.
 
     Each side is a result file, a directory of them, a glob pattern, or a
-    comma-separated list of those; repetitions across runs pool together.
-    Exit status: 0 no regression, 1 regression, 2 bad input or unfair comparison.
+    comma-separated list of those; the boots of all its runs pool together
+    (warm-up repetitions are shown, never compared).
+
+    \b
+    Exit status:
+      0  no regression
+      1  a regression: a figure whose Holm-corrected (family-wise) q < alpha AND
+         whose change passes --threshold, or a phase that failed on the
+         candidate only. With nothing changed, P(exit 1) <= alpha for the
+         whole comparison, however many figures it tests.
+      2  bad input, an unfair comparison, or no verdict possible (nothing
+         could be tested: e.g. one boot a side); never 0 for "not tested"
+    The findings listed use --correction (default BH: more findings, a bounded
+    share of them false); a listed regression that fails Holm says so.
     """
     from harness.analysis import compare as cmp
     from harness.analysis import render
@@ -664,6 +684,7 @@ def compare(
             test="mann-whitney" if test_name == "mann-whitney" else "welch",
             correction="holm" if correction == "holm" else "bh",
             allow_mismatch=allow_mismatch,
+            unit="repetition" if unit == "repetition" else "boot",
         )
     except (InputError, click.BadParameter) as exc:
         click.echo(f"harness compare: {printable(str(exc), multiline=True)}", err=True)
@@ -682,6 +703,36 @@ def compare(
     else:
         click.echo(text, nl=False)
     sys.exit(report.exit_status)
+
+
+@main.command("plan")
+@click.argument("pilot", nargs=-1, required=True)
+@click.option("--effect", default="5%", show_default=True, callback=_threshold,
+              help="The change to be found: a percentage (5%) or a fraction below 1.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.05, show_default=True)
+@click.option("--per-figure", is_flag=True,
+              help="Plan each figure at alpha alone (the exit status corrects across all).")
+@click.option("--figure", "pattern", default="*", show_default=True,
+              help="Only figures matching this glob, e.g. 'metric.*'.")
+def plan_cmd(pilot: tuple[str, ...], effect: float, alpha: float, per_figure: bool,
+             pattern: str) -> None:
+    """How many boots and repetitions a comparison needs, from PILOT result files.
+
+    For each figure: its noise between boots and within a boot, and the boots
+    a side that find a change of --effect with 80% power, for 1, 2, 3 and 5
+    measured repetitions per boot. Exit 2 on bad input.
+    """
+    from harness.analysis import plan as planning
+    from harness.analysis.resultset import InputError, load_side
+
+    try:
+        side = load_side("pilot", [p for part in pilot for p in _side_paths(part)])
+    except (InputError, click.BadParameter) as exc:
+        click.echo(f"harness plan: {exc}", err=True)
+        sys.exit(2)
+    click.echo(planning.render(planning.plan(side, effect, alpha=alpha, per_figure=per_figure,
+                                             pattern=pattern)), nl=False)
 
 
 @main.command()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.host.facts import HostFacts
+from harness.host.load import HostLoad
 from harness.host.mmuconfig import HostConfigRecord, HostLeftChanged
 from harness.trace.model import PhaseTrace, TraceSummary
 
@@ -97,8 +98,17 @@ class WorkloadRun(_Model):
 
     workload: str
     vm: str
-    repetition: int
+    repetition: int = Field(description="1-based, counted per boot, warm-ups included")
     params: dict[str, str | int | float]
+    boot: str | None = Field(
+        default=None,
+        description="the boot it ran in (VmRecord.boot); repetitions of one boot share its "
+        "noise, so compare treats boots as the independent samples. None: older results",
+    )
+    warmup: bool = Field(
+        default=False,
+        description="a warm-up repetition: recorded and shown, never compared",
+    )
     status: Literal["ok", "failed", "incomplete", "skipped"] = Field(
         description="skipped: never started, because its boot was ended before (see reason)"
     )
@@ -117,6 +127,9 @@ class VmRecord(_Model):
     """A VM as it was booted (one record per boot)."""
 
     name: str
+    boot: str | None = Field(
+        default=None, description="this boot's name, unique in the run (WorkloadRun.boot)"
+    )
     domain: str
     image: str
     image_digest: str
@@ -180,6 +193,16 @@ class RunResult(_Model):
     )
     errors: list[str] = []
     notes: list[str] = []
+    host_load: HostLoad | None = Field(
+        default=None,
+        description="how busy the host was while this run measured (load average, CPU used "
+        "by processes outside the run, other VMs, governor): compare warns on a busy side",
+    )
+    steady_state: list[str] = Field(
+        default_factory=list,
+        description="figures that drift across the repetitions of a boot (not at steady "
+        "state: add warm-up repetitions), one line each",
+    )
     host_config: HostConfigRecord | None = Field(
         default=None,
         description="the host MMU configuration (suite [[host_configs]]) this run was made "

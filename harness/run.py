@@ -34,7 +34,9 @@ from types import FrameType
 import libvirt
 
 from harness import __version__, tracing
+from harness.analysis.steady import steady_state_notes
 from harness.host.facts import collect_host_facts
+from harness.host.load import LoadSampler
 from harness.host.mmuconfig import (
     HOST_RESTORE_DIR,
     HostConfigRecord,
@@ -137,6 +139,9 @@ def run_suite(
         trace_backend=suite.spec.trace.backend if backend is None else backend,
     )
     conn = lifecycle.connect()
+    sampler = LoadSampler(
+        lambda: {v.qemu_pid for v in list(result.vms) if v.qemu_pid is not None}
+    ).start()
     try:
         def killed(run_dir: Path, result_file: Path, owner: str) -> bool:
             with contextlib.suppress(OSError):
@@ -185,6 +190,12 @@ def run_suite(
         try:
             with state.lock:
                 result.finished_at = datetime.now(UTC)
+                # What the run measured must reach its file even if these summaries fail.
+                try:
+                    result.host_load = sampler.stop()
+                    result.steady_state = steady_state_notes(result)
+                except Exception as exc:
+                    result.notes.append(f"host load / steady-state check failed: {exc!r}")
                 state.close()  # raises on a full disk: the message names the file
         finally:
             with contextlib.suppress(libvirt.libvirtError):  # a lost libvirtd: nothing to close

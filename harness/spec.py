@@ -230,6 +230,10 @@ class WorkloadSpec(_Strict):
     guest: GuestKind
     params: dict[str, ParamSpec] = {}
     phases: Annotated[list[PhaseSpec], Field(min_length=1)]
+    #: Repetitions at the start of every boot that are run, recorded and shown but never
+    #: compared: a cold TCG translation cache, the guest's first touch of its memory (EPT
+    #: violations / NPF that later repetitions do not pay), page cache and allocator state.
+    warmup: int = Field(default=0, ge=0, le=10)
 
     @field_validator("params", mode="before")
     @classmethod
@@ -353,6 +357,15 @@ class VmSpec(_Strict):
     # A virtio-balloon device, for workloads that resize guest memory (balloon_percent);
     # off by default so that no guest gives memory back behind a workload's back.
     balloon: bool = False
+    #: Boots of this VM (None: the suite's ``boots``). Each boot runs every repetition of
+    #: its runs; boots, not repetitions, are what `harness compare` treats as independent.
+    boots: int | None = Field(default=None, ge=1, le=100)
+    #: Host CPUs each vCPU is pinned to (libvirt ``cputune/vcpupin``): vCPU i on
+    #: ``pin_vcpus[i % len]``. None: the host scheduler places them (noisier timings).
+    pin_vcpus: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
+    #: Host CPUs for QEMU's emulator threads (``cputune/emulatorpin``), e.g. away from the
+    #: vCPUs so I/O and the tracer's wake-ups do not steal their time.
+    pin_emulator: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
 
 
 class RunSpec(_Strict):
@@ -429,6 +442,8 @@ class SuiteSpec(_Strict):
     workload_dirs: list[str] = []
     #: Measured repetitions of every run per boot (warm-ups come on top).
     repetitions: int = Field(default=1, ge=1)
+    #: Boots of every VM (a VM's own ``boots`` overrides it).
+    boots: int = Field(default=1, ge=1, le=100)
     vms: Annotated[list[VmSpec], Field(min_length=1)]
     runs: Annotated[list[RunSpec], Field(min_length=1)]
     groups: list[GroupSpec] = []
@@ -458,8 +473,16 @@ class Suite:
     workloads: dict[str, WorkloadSpec]
 
     def repetitions(self, run: RunSpec) -> int:
-        """How many times ``run`` is repeated."""
+        """How many measured repetitions of ``run`` each boot makes."""
         return run.repetitions or self.spec.repetitions
+
+    def warmup(self, run: RunSpec) -> int:
+        """How many warm-up repetitions of ``run`` each boot makes before the measured ones."""
+        return run.warmup if run.warmup is not None else self.workloads[run.workload].warmup
+
+    def boots(self, vm: VmSpec) -> int:
+        """How many times ``vm`` boots."""
+        return vm.boots or self.spec.boots
 
 
 #: Largest suite or workload file read (the shipped ones are a few KiB).

@@ -67,6 +67,10 @@ class DomainConfig:
     # memory. libvirt needs hugetlbfs mounted when libvirtd starts (or hugetlbfs_mount in
     # qemu.conf) and enough pages reserved (host configuration hugepages_2m / hugepages_1g).
     hugepages_kib: int | None = None
+    # Host CPUs for vCPU i (vcpu_pins[i % len]) and for QEMU's emulator threads
+    # (libvirt cputune): pinned guests measure the change, not the scheduler's choices.
+    vcpu_pins: tuple[int, ...] | None = None
+    emulator_pins: tuple[int, ...] | None = None
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -82,6 +86,13 @@ def domain_xml(cfg: DomainConfig) -> str:
     _sub(dom, "name", cfg.name)
     _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(cfg.vcpus))
+    if cfg.vcpu_pins or cfg.emulator_pins:
+        tune = _sub(dom, "cputune")
+        for i in range(cfg.vcpus if cfg.vcpu_pins else 0):
+            assert cfg.vcpu_pins is not None
+            _sub(tune, "vcpupin", vcpu=str(i), cpuset=str(cfg.vcpu_pins[i % len(cfg.vcpu_pins)]))
+        if cfg.emulator_pins:
+            _sub(tune, "emulatorpin", cpuset=",".join(str(c) for c in cfg.emulator_pins))
     if cfg.hugepages_kib is not None:
         backing = _sub(dom, "memoryBacking")
         _sub(_sub(backing, "hugepages"), "page", size=str(cfg.hugepages_kib), unit="KiB")

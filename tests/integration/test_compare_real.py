@@ -71,41 +71,50 @@ def test_a_run_set_against_itself_is_no_change(two_runs: list[Path]) -> None:
 
 
 def test_two_runs_on_one_host_have_nothing_changed(two_runs: list[Path]) -> None:
-    proc = harness_compare(two_runs[0], two_runs[1])
-    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # fair, whatever the noise
+    """An A/A of two real runs (2 boots a side) exits 0. Its false-alarm chance is at most
+    alpha by construction; alpha 0.01 keeps this test from failing 1 time in 20 by design."""
+    proc = harness_compare(two_runs[0], two_runs[1], "--alpha", "0.01")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nothing in the recorded provenance" in proc.stdout
+    assert "boots 2 vs 2" in proc.stdout
 
 
-def metric_values(paths: list[Path], metric: str) -> list[float]:
-    """Every repetition's value of ``metric`` in these result files."""
-    return [phase.metrics[metric]
-            for path in paths for run in load(path).runs for phase in run.phases
-            if metric in phase.metrics]
+def boot_summaries(paths: list[Path], metric: str) -> list[float]:
+    """Each boot's mean log value of ``metric`` (its measured repetitions), as compare uses."""
+    by_boot: dict[str, list[float]] = {}
+    for path in paths:
+        r = load(path)
+        for run in r.runs:
+            for phase in run.phases:
+                if metric in phase.metrics and not run.warmup:
+                    by_boot.setdefault(f"{r.run_id}/{run.boot}", []).append(
+                        math.log(phase.metrics[metric]))
+    return [float(np.mean(v)) for v in by_boot.values()]
 
 
-def detectable_scale(values: list[float], tested: int, alpha: float = 0.05) -> float:
-    """A factor that Welch's test on logs must call significant after BH over ``tested``.
+def detectable_scale(summaries: list[float], tested: int, alpha: float = 0.05) -> float:
+    """A factor that compare's exit status must call a regression.
 
-    The candidate is the base times ``c`` value by value, so both sides' logs
-    have the same spread ``s`` and n values: t = |log c| / (s * sqrt(2/n))
-    with df = 2(n - 1). BH over ``tested`` figures, the others unchanged
-    (p = 1), gives this figure q = tested * p. The factor is 0.8 (-20%)
-    where the noise allows it, else the one whose t is 1.5x the critical t,
-    so the test's outcome is decided by the harness, never by this host's noise.
+    The candidate is the base times ``c`` value by value, so both sides' boot
+    summaries have the same spread ``s`` and n boots: t = |log c| / (s * sqrt(2/n))
+    with df = 2(n - 1). The exit status uses Holm over ``tested`` figures, the
+    others unchanged (p = 1), so this figure needs p < alpha / tested. The
+    factor is 0.8 (-20%) where the noise allows it, else the one whose t is 1.5x
+    the critical t, so the test's outcome is decided by the harness, never by
+    this host's noise.
     """
-    logs = np.log(np.asarray(values))
-    n = len(logs)
+    n = len(summaries)
     t_crit = float(sps.t.ppf(1 - alpha / tested / 2, df=2 * (n - 1)))
-    needed = 1.5 * t_crit * float(np.std(logs, ddof=1)) * math.sqrt(2 / n)
+    needed = 1.5 * t_crit * float(np.std(summaries, ddof=1)) * math.sqrt(2 / n)
     return min(0.8, math.exp(-needed))
 
 
 def test_throughput_down_is_a_named_regression(two_runs: list[Path], tmp_path: Path) -> None:
-    values = metric_values(two_runs, SCALED_METRIC)
-    assert len(values) == 16, values  # 8 repetitions x 2 runs, every one with its metric
+    summaries = boot_summaries(two_runs, SCALED_METRIC)
+    assert len(summaries) == 4, summaries  # 2 boots x 2 runs, every one with its metric
     base_report = json.loads(
         harness_compare(side(two_runs), side(two_runs), "--format", "json").stdout)
-    scale = detectable_scale(values, tested=base_report["tested"])
+    scale = detectable_scale(summaries, tested=base_report["tested"])
 
     def slower(r: RunResult) -> None:
         for run in r.runs:
@@ -116,7 +125,7 @@ def test_throughput_down_is_a_named_regression(two_runs: list[Path], tmp_path: P
     cand = [synthetic_copy(p, tmp_path, f"metric {SCALED_METRIC} x {scale:.4f}", slower)
             for p in two_runs]
     proc = harness_compare(side(two_runs), side(cand), "--format", "md")
-    assert proc.returncode == 1, f"scale {scale:.4f} of {values}\n" + proc.stdout + proc.stderr
+    assert proc.returncode == 1, f"scale {scale:.4f} of {summaries}\n" + proc.stdout + proc.stderr
     regressions = proc.stdout.split("#### Regressions")[1].split("####")[0]
     assert f"metric.{SCALED_METRIC}" in regressions
     assert f"{(scale - 1) * 100:+.1f}%" in regressions
