@@ -213,6 +213,8 @@ def shard_of(result: RunResult) -> str | None:
 def _figure_rows(result: RunResult) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for run in result.runs:
+        if getattr(run, "warmup", False):
+            continue  # recorded in the file, never compared: not a point of a trend
         w = result.workloads.get(run.workload)
         info = w.metrics if w is not None else {}
         attached_sets = [set(v.trace.probes_attached) for v in result.vms

@@ -112,6 +112,17 @@ def _groups(result: RunResult) -> dict[tuple[str, str, str], list[WorkloadRun]]:
     return out
 
 
+def _warmup(run: WorkloadRun) -> bool:
+    return bool(getattr(run, "warmup", False))  # absent in results of older harnesses
+
+
+def _rep_label(run: WorkloadRun) -> str:
+    """``boot#repetition``, and whether it was a warm-up (recorded, never compared)."""
+    boot = getattr(run, "boot", None)
+    label = f"{boot}#{run.repetition}" if boot else f"repetition {run.repetition}"
+    return label + (" (warm-up)" if _warmup(run) else "")
+
+
 def _phase_names(runs: list[WorkloadRun]) -> list[str]:
     names: list[str] = []
     for run in runs:
@@ -249,7 +260,14 @@ def _metrics(page: Page, prefix: str, result: RunResult, runs: list[WorkloadRun]
         reps = _per_rep(runs, name)
         metrics = sorted({m for p in reps if p for m in p.metrics})
         for m in metrics:
-            vals = [p.metrics[m] for p in reps if p and m in p.metrics]
+            # Warm-ups are shown in brackets and left out of median and spread, as compare does.
+            shown = [None if p is None or m not in p.metrics
+                     else f"[{_fmt(p.metrics[m])}]" if _warmup(r) else p.metrics[m]
+                     for p, r in zip(reps, runs, strict=True)]
+            vals = [p.metrics[m] for p, r in zip(reps, runs, strict=True)
+                    if p and m in p.metrics and not _warmup(r)]
+            if not vals:
+                continue
             meta = info.metrics.get(m) if info else None
             unit = meta.unit if meta else ""
             better = "" if meta is None else "higher" if meta.higher_is_better else "lower"
@@ -257,7 +275,7 @@ def _metrics(page: Page, prefix: str, result: RunResult, runs: list[WorkloadRun]
                 f"{100 * statistics.stdev(vals) / abs(statistics.mean(vals)):.1f}%"
                 if len(vals) > 1 and statistics.mean(vals) else "-"
             )
-            rows.append([name, m, unit, better, _reps_text(list(vals)),
+            rows.append([name, m, unit, better, _reps_text(list(shown)),
                          _fmt(statistics.median(vals)), f"{_fmt(min(vals))} - {_fmt(max(vals))}",
                          spread])
             by_metric.setdefault(f"{m} [{unit}]" if unit else m, {})[name] = vals
@@ -268,10 +286,10 @@ def _metrics(page: Page, prefix: str, result: RunResult, runs: list[WorkloadRun]
     if not rows:
         return
     page.add("<h4>Workload metrics across repetitions</h4>")
-    page.add(table(["phase", "metric", "unit", "better", "each repetition", "median",
+    page.add(table(["phase", "metric", "unit", "better", "each repetition ([warm-up])", "median",
                     "min - max", "spread (sd/mean)"], rows, numeric=False))
-    page.plot(plots.repetitions("metrics", "workload metrics, each repetition (dot) and "
-                                "median (bar)", by_metric), prefix)
+    page.plot(plots.repetitions("metrics", "workload metrics, each measured repetition (dot) "
+                                "and median (bar); warm-ups left out", by_metric), prefix)
 
 
 def _callpaths(page: Page, prefix: str, result: RunResult) -> None:
@@ -340,7 +358,7 @@ def result_section(page: Page, path: Path, result: RunResult) -> None:
     for (vm, workload, params), runs in _groups(result).items():
         page.add(f"<h3>{esc(workload)}{esc(f' [{params}]' if params else '')} on "
                  f"{esc(vm)}</h3>")
-        statuses = [f"{r.repetition}: {r.status}" + (f" ({r.reason})" if r.reason else "")
+        statuses = [f"{_rep_label(r)}: {r.status}" + (f" ({r.reason})" if r.reason else "")
                     for r in runs]
         page.add(f"<p>repetitions: {esc('; '.join(statuses))}</p>")
         phases = _phase_names(runs)
@@ -357,7 +375,8 @@ def result_section(page: Page, path: Path, result: RunResult) -> None:
             _family_plot(page, gprefix, "exits by reason", phases, runs, "exits", exit_why)
             _family_plot(page, gprefix, "MMU faults by kind", phases, runs, "mmu_faults",
                          fault_why)
-            page.add("<p>Per phase; several values are each repetition's, in order.</p>")
+            page.add("<p>Per phase; several values are each repetition's, in the order of the "
+                     "repetitions line above (warm-ups included).</p>")
             page.add(_trace_table(phases, runs))
             _latency(page, gprefix, phases, runs)
         _metrics(page, gprefix, result, runs)
@@ -500,7 +519,9 @@ def build(
 def write(page: Page, html_path: Path, png_dir: Path | None) -> None:
     """Write the page (and, with ``png_dir``, every plot as ``<name>.png``)."""
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text("".join(page.parts))
+    tmp = html_path.with_name(f".{html_path.name}.tmp")
+    tmp.write_text("".join(page.parts))
+    tmp.replace(html_path)  # a reader (a CI artifact upload) never sees half a page
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)
         for p in page.plots:

@@ -159,3 +159,38 @@ def test_killed_run_renders_with_its_status_on_top(tmp_path: Path, killed_result
     check = open_in_chromium(html, "killed")
     assert "KILLED" in check["text"].split("\n", 6)[3] or "KILLED" in check["text"][:600]
     assert "the harness process was SIGKILLed (by the test)" in check["text"]
+
+
+def test_exits_and_faults_as_stacked_bars(tmp_path: Path,
+                                          micro_results: tuple[Path, Path]) -> None:
+    # Double: kvm_exit and kvm_page_fault never fire on this host's PVM KVM, so the
+    # real micro result gets exit and fault counts written into its first phase.
+    data = json.loads(micro_results[0].read_text())
+    for run in data["runs"]:
+        trace = run["phases"][0]["trace"]
+        trace["exits"] = {"EPT_VIOLATION": 700, "IO_INSTRUCTION": 5, "CPUID": 2}
+        trace["mmu_faults"] = {"ept_violation": 700}
+    data["run_id"] += "-with-exits"
+    path = tmp_path / "with-exits.json"
+    path.write_text(json.dumps(data))
+    html = report(tmp_path, "exits", [path])
+    check = open_in_chromium(html, "exits")
+    plotted = [p for p, *_ in check["images"]]
+    assert any(p.endswith("-exits") for p in plotted)
+    assert any(p.endswith("-mmu-faults") for p in plotted)
+    assert f"exits by reason, total over {len(data['runs'])} repetition(s)" in html.read_text()
+
+
+def test_result_of_a_newer_schema_is_bad_input(tmp_path: Path,
+                                               micro_results: tuple[Path, Path]) -> None:
+    data = json.loads(micro_results[0].read_text())
+    data["schema_version"] = 99
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "report", str(newer), "--html",
+         str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert f"{newer}: schema_version 99" in proc.stderr and "fix:" in proc.stderr
+    assert not (tmp_path / "x.html").exists()
