@@ -18,6 +18,7 @@ from tests.unit.test_spec import WORKLOAD, write
 MIXED = """\
 name = "mixed"
 repetitions = 2
+workload_dirs = [".."]
 [[vms]]
 name = "alone"
 [[vms]]
