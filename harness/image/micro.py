@@ -108,6 +108,15 @@ INSNS_PER_PASS = 4
 INSNS_PER_PHASE = 6 + 6 + 4
 INSNS_PER_LAST_PHASE = 6 + 6 + 3
 
+#: Emulated instructions outside any phase (phase 0) of a ROM boot: the reset jump
+#: and the ROM stub (1 + 11 + 2 for ``rep movsw`` + 1), the sector's entry code
+#: (9), marker 1 (4); after marker 0, ``mov al`` and ``out`` (2).
+INSNS_PHASE0_ROM = 1 + 11 + 2 + 1 + 9 + 4 + 2
+
+#: Without an isa-debug-exit device the ``out`` is ignored and ``cli``, ``hlt`` run:
+#: the vCPU then halts for good, after this many more emulated instructions.
+INSNS_TO_HALT = 2
+
 
 def expected_loop_insns(phase: MicroPhase) -> int:
     """Instructions the page-writing loops of ``phase`` execute, without per-pass/phase code.
@@ -118,7 +127,7 @@ def expected_loop_insns(phase: MicroPhase) -> int:
 
 
 def expected_emulated_insns(phases: Sequence[MicroPhase]) -> dict[int, int]:
-    """Per phase number (1-based), its exact ``kvm:kvm_emulate_insn`` count on a PVM host.
+    """Per phase number, its exact ``kvm:kvm_emulate_insn`` count on a PVM host, 0 included.
 
     Valid where KVM emulates every guest instruction (MMU mode "pvm": each one
     is one ``kvm_emulate_insn`` event) and a phase is what the tracer counts
@@ -146,14 +155,28 @@ def expected_emulated_insns(phases: Sequence[MicroPhase]) -> dict[int, int]:
     round (each phase would then hold its own marker's ``cpuid`` instead).
     Hence loop + 4 x repeat + 16, and loop + 4 x repeat + 15 for the last phase:
     a real capture (16 pages x 4, 32 x 4, 16 x 8) gave 393,760 / 787,488 / 787,503.
+
+    Phase 0 (key 0), when booted from the ROM (``rom_path``; through SeaBIOS it
+    also holds the BIOS's millions): the reset vector's far ``jmp`` (1); the ROM
+    stub: ``cli`` ... ``mov cx, 256`` (11), ``rep movsw`` (2), ``jmp 0:7C00`` (1);
+    the sector's entry code up to ``mov bp`` (9); marker 1 (4); after marker 0,
+    ``mov al`` and ``out`` (2): :data:`INSNS_PHASE0_ROM` = 30. ``rep movsw`` is
+    two events because KVM's emulator (x86_emulate_insn()) runs a rep string
+    instruction's iterations in one go but returns to the guest whenever RCX
+    reaches a multiple of 1024, 0 included, and that re-entry decodes the
+    instruction again, which then ends at RCX = 0: 1 + ceil(RCX / 1024) events
+    (256 words: 2; 2048 words, tried: 3). Without isa-debug-exit the guest then
+    runs ``cli`` and ``hlt`` (:data:`INSNS_TO_HALT`) and halts for good.
     """
     validate_micro_params(phases, 1)
-    return {
-        k: expected_loop_insns(ph)
-        + INSNS_PER_PASS * ph.repeat
-        + (INSNS_PER_LAST_PHASE if k == len(phases) else INSNS_PER_PHASE)
-        for k, ph in enumerate(phases, start=1)
-    }
+    answers = {0: INSNS_PHASE0_ROM}
+    for k, ph in enumerate(phases, start=1):
+        answers[k] = (
+            expected_loop_insns(ph)
+            + INSNS_PER_PASS * ph.repeat
+            + (INSNS_PER_LAST_PHASE if k == len(phases) else INSNS_PER_PHASE)
+        )
+    return answers
 
 
 def validate_micro_params(phases: Sequence[MicroPhase], token: int) -> None:

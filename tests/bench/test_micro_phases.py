@@ -17,16 +17,19 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from harness.image.micro import QEMU_EXIT_STATUS, build_micro_image
-from tests.integration.test_micro_guest import PHASES, _durations_ms, _kvm_usable, run_micro
+from tests.integration.test_micro_guest import (
+    PHASES,
+    _durations_ms,
+    require_micro_host,
+    run_micro,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def test_micro_phase_durations(benchmark: BenchmarkFixture, tmp_path: Path) -> None:
     """Five boots of the micro guest (ROM, markers traced); phase durations in extra_info."""
-    reason = _kvm_usable()
-    if reason:
-        pytest.skip(reason)
+    require_micro_host()
     image = build_micro_image(tmp_path / "img", PHASES, token=secrets.randbelow(0xFFFF) + 1)
     per_boot: list[list[float]] = []
 

@@ -10,29 +10,25 @@ from collections.abc import Iterator
 import pytest
 
 from harness.image.linux import LinuxImage, build_linux_image
-from tests.conftest import harness_domains, stray_tracers
+from tests.leaks import host_state, leaks_since
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind_by_fault() -> Iterator[None]:
-    """After every fault test: no harness domain and no tracer process that it added.
+    """After every fault test: no harness domain, QEMU, tracer or run directory that it left.
 
-    Compared with what existed before the test, so that other harness users of
-    a shared development host do not fail it; on CI nothing else runs.
+    Counted from what existed before the test and what outlived the process
+    that made it (tests/leaks.py), so that other harness users of a shared
+    development host do not fail it; on CI nothing else runs.
     """
-    domains, tracers = set(harness_domains()), set(stray_tracers())
+    before = host_state()
     yield
     deadline = time.monotonic() + 10  # libvirtd reaps an autodestroy domain asynchronously
-    while True:
-        new_domains = set(harness_domains()) - domains
-        new_tracers = set(stray_tracers()) - tracers
-        if not (new_domains or new_tracers) or time.monotonic() > deadline:
-            break
+    while (leaks := leaks_since(before)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not new_domains, f"the fault left libvirt domains behind: {sorted(new_domains)}"
-    assert not new_tracers, f"a tracer process outlived the fault: {sorted(new_tracers)}"
+    assert not leaks, f"the fault left these behind: {leaks}"
 
 
 @pytest.fixture(scope="session")

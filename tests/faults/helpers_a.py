@@ -31,6 +31,7 @@ from harness.image.linux import LinuxImage, build_linux_image
 from harness.paths import RESULTS_DIR, SUITES_DIR, cache_dir
 from harness.results import load
 from tests.conftest import harness_domains, stray_tracers
+from tests.leaks import leaked_domains, orphaned_tracers
 
 SCHEMA = json.loads((RESULTS_DIR / "schema.json").read_text())
 MICRO_SUITE = SUITES_DIR / "micro-kvm.toml"
@@ -265,47 +266,6 @@ def private_cache(*, share_images: bool, share_debs: bool = False) -> Iterator[P
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _leaked_domains(names: set[str]) -> set[str]:
-    """Of ``names``, the domains still there whose harness process is gone (or unknown).
-
-    A domain whose owner process is alive belongs to a run that is still going
-    (another user of a shared host); this test's own harness processes have all
-    exited when it ends, so its domains are never spared by this.
-    """
-    from harness.host.process import pid_alive
-    from harness.vm import lifecycle
-
-    conn = lifecycle.connect()
-    try:
-        leaked = set()
-        for name in names:
-            try:
-                dom = conn.lookupByName(name)
-            except Exception:  # gone meanwhile
-                continue
-            owner = lifecycle.domain_owner(dom)
-            if owner is None or not pid_alive(owner):
-                leaked.add(name)
-        return leaked
-    finally:
-        conn.close()
-
-
-def _orphaned_tracers(lines: set[str]) -> set[str]:
-    """Of ``pgrep -a`` lines, the tracer processes whose parent is gone (reparented)."""
-    orphans = set()
-    for line in lines:
-        pid = line.split()[0]
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == 1 or not Path(f"/proc/{ppid}").exists():
-            orphans.add(line)
-    return orphans
-
-
 @pytest.fixture(autouse=True)
 def nothing_left_behind_by_fault() -> Iterator[None]:
     """Overrides the conftest check of the same name in the modules that import it.
@@ -320,8 +280,8 @@ def nothing_left_behind_by_fault() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 10  # libvirtd reaps an autodestroy domain asynchronously
     while True:
-        new_domains = _leaked_domains(set(harness_domains()) - domains)
-        new_tracers = _orphaned_tracers(set(tracer_processes()) - tracers)
+        new_domains = leaked_domains(set(harness_domains()) - domains)
+        new_tracers = orphaned_tracers(set(tracer_processes()) - tracers)
         if not (new_domains or new_tracers) or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -14,92 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.host.process import pid_alive
 from harness.paths import cache_dir
-from harness.vm.lifecycle import DOMAIN_PREFIX, OWNER_FILE
-from tests.conftest import harness_domains
+from tests.conftest import harness_domains, stray_tracers
 from tests.faults import helpers_a
-from tests.faults.helpers_a import _leaked_domains, _orphaned_tracers, tracer_processes
-
-
-@dataclass(frozen=True)
-class HostState:
-    """What harness runs have on the host at one moment: domains, tracers, QEMUs, run dirs."""
-
-    domains: frozenset[str]
-    tracers: frozenset[str]
-    qemus: frozenset[str]
-    run_dirs: frozenset[str]
-
-
-def harness_qemus() -> list[str]:
-    """``pgrep -a`` lines of every QEMU started for a harness domain (``guest=kvmh-...``)."""
-    out = subprocess.run(
-        ["pgrep", "-a", "-f", f"guest={DOMAIN_PREFIX}"], capture_output=True, text=True,
-        check=False,
-    ).stdout
-    return [ln for ln in out.splitlines() if ln.strip() and "pgrep" not in ln]
-
-
-def host_state(runs_dir: Path | None = None) -> HostState:
-    """The harness's footprint now; ``runs_dir`` defaults to the shared cache's ``runs``."""
-    runs = runs_dir or cache_dir() / "runs"
-    return HostState(
-        domains=frozenset(harness_domains()),
-        tracers=frozenset(tracer_processes()),
-        qemus=frozenset(harness_qemus()),
-        run_dirs=frozenset(d.name for d in runs.iterdir()) if runs.is_dir() else frozenset(),
-    )
-
-
-def _qemu_domain(line: str) -> str:
-    found = re.search(rf"guest=({DOMAIN_PREFIX}[^,\s]+)", line)
-    return found.group(1) if found else ""
-
-
-def _owner_alive(run_dir: Path) -> bool:
-    if run_dir.name.startswith(".claim-"):  # being claimed: the owner pid ends the name
-        pid_text = run_dir.name.rsplit("-", 1)[-1]
-        return pid_text.isdigit() and pid_alive(int(pid_text))
-    try:
-        return pid_alive(int((run_dir / OWNER_FILE).read_text()))
-    except (OSError, ValueError):
-        return False
-
-
-def leaks_since(before: HostState, runs_dir: Path | None = None) -> list[str]:
-    """What appeared since ``before`` and outlived the process that made it.
-
-    Every harness domain, tracer, QEMU and run directory (overlays and consoles
-    live in it) is looked at, whether or not its run ever saved a result file:
-    a run that dies before its first save leaks as visibly as any other. What
-    a live process still owns is another session's run that is still going (a
-    shared development host), not a leak; a QEMU whose domain libvirt no
-    longer lists is a leak whoever started it.
-    """
-    runs = runs_dir or cache_dir() / "runs"
-    now = host_state(runs)
-    leaked_domains = _leaked_domains(set(now.domains - before.domains))
-    listed = set(harness_domains())
-    leaks = [f"libvirt domain {d}" for d in sorted(leaked_domains)]
-    leaks += [f"tracer {t}" for t in sorted(_orphaned_tracers(set(now.tracers - before.tracers)))]
-    leaks += [
-        f"QEMU {q}"
-        for q in sorted(now.qemus - before.qemus)
-        if _qemu_domain(q) not in listed or _qemu_domain(q) in leaked_domains
-    ]
-    leaks += [
-        f"run directory {runs / d}: {sorted(p.name for p in (runs / d).iterdir())}"
-        for d in sorted(now.run_dirs - before.run_dirs)
-        if (runs / d).is_dir() and not _owner_alive(runs / d)
-    ]
-    return leaks
+from tests.leaks import host_state, leaks_since
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +32,7 @@ def nothing_left_behind_by_fault(tmp_path: Path) -> Iterator[None]:
     As strong as the global check (every harness domain, tracer, QEMU and run
     directory on the host, not only those of runs that saved a result), made
     fair on a host where other sessions run the harness at the same time (see
-    :func:`leaks_since`); plus, for every run this test started whose result
+    tests/leaks.py ``leaks_since``); plus, for every run this test started whose result
     file exists, the exact per-run-id check. An unreadable result file fails:
     results are written atomically.
     """
@@ -293,7 +216,7 @@ def assert_nothing_left(run_id: str) -> None:
     run_dir = cache_dir() / "runs" / run_id
     assert not run_dir.exists(), f"run directory (overlay, console) left: {list(run_dir.iterdir())}"
     assert not list((cache_dir() / "runs").glob(f"{run_id}*")), "a run directory is left"
-    assert not [t for t in tracer_processes() if run_id in t], "a tracer outlived the run"
+    assert not [t for t in stray_tracers() if run_id in t], "a tracer outlived the run"
 
 
 NEXT_WORKLOAD = """\

@@ -1,12 +1,13 @@
-"""The fault suite's leak check sees a leak that no result file names (tests/faults/helpers_b.py).
+"""The leak checks see a leak that no result file names (tests/leaks.py, used by helpers_b.py).
 
 A run killed before its first save leaves no result file, so a check that
 only follows run ids from result files misses whatever it left. Here real
 leftovers are made by hand, with no result file anywhere: a harness-named
 libvirt domain whose owner is gone, a QEMU whose domain libvirt does not
 list, a tracer process whose parent is gone, and a run directory (overlay
-inside) whose owner pid is dead; a run directory of a live owner is
-another session's run in progress and is left out.
+inside) whose owner pid is dead or is the test process itself; a run
+directory of another live owner is another session's run in progress and is
+left out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import libvirt
 import pytest
 
 from harness.vm.lifecycle import OWNER_FILE
-from tests.faults.helpers_b import harness_qemus, host_state, leaks_since
+from tests.leaks import harness_qemus, host_state, leaks_since
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +107,11 @@ def test_leaks_without_any_result_file_are_seen(tmp_path: Path) -> None:
     (dead / "a.qcow2").write_bytes(b"")
     alive = runs / f"{tag}-alive"
     alive.mkdir()
-    (alive / OWNER_FILE).write_text(str(os.getpid()))
+    other_session = subprocess.Popen(["sleep", "60"])  # a live harness run of someone else
+    (alive / OWNER_FILE).write_text(str(other_session.pid))
+    mine = runs / f"{tag}-mine"  # a run inside this very process: ended when the test ends
+    mine.mkdir()
+    (mine / OWNER_FILE).write_text(str(os.getpid()))
 
     with (
         leaked_domain(f"kvmh-{tag}-dom"),
@@ -114,15 +119,19 @@ def test_leaks_without_any_result_file_are_seen(tmp_path: Path) -> None:
         orphaned_tracer(tmp_path),
     ):
         leaks = leaks_since(before, runs)
+    other_session.kill()
+    other_session.wait()
     assert not list(tmp_path.rglob("*.json")), "no result file was written"
     assert f"libvirt domain kvmh-{tag}-dom" in leaks, leaks
     assert [q for q in leaks if q.startswith("QEMU") and f"guest=kvmh-{tag}-q" in q], leaks
     assert [t for t in leaks if t.startswith("tracer") and str(tmp_path / "kvmtrace") in t], leaks
     assert f"run directory {dead}: ['a.qcow2', '{OWNER_FILE}']" in leaks, leaks
     assert not [x for x in leaks if str(alive) in x], leaks
+    assert f"run directory {mine}: ['{OWNER_FILE}']" in leaks, leaks
     # Once they are gone, nothing of them is reported.
     deadline = time.monotonic() + 15
-    shutil.rmtree(dead)
+    for d in (dead, alive, mine):
+        shutil.rmtree(d)
     while [x for x in leaks_since(before, runs) if tag in x] and time.monotonic() < deadline:
         time.sleep(0.3)
     assert not [x for x in leaks_since(before, runs) if tag in x]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from harness.paths import cache_dir
 from harness.trace import libbpf
 from harness.trace.backend import Backend, BpftraceBackend, LibbpfBackend
 from harness.vm import configs, lifecycle
-from tests.conftest import harness_domains, stray_tracers
+from tests.conftest import harness_domains, on_ci, stray_tracers
+from tests.leaks import host_state, leaks_since
 
 #: Both tracer backends; exactness tests run against each.
 BACKENDS = ("bpftrace", "libbpf")
@@ -40,10 +42,22 @@ def linux_image() -> LinuxImage:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """After all integration tests: no harness domain and no bpftrace may remain."""
+    """After all integration tests: no harness domain, QEMU, tracer or run directory is left.
+
+    On CI nothing else runs, so nothing harness-made may remain at all. On a
+    shared development host, what other sessions' live runs hold is theirs:
+    there the check counts what appeared during this session and outlived the
+    process that made it (tests/leaks.py).
+    """
+    before = host_state()
     yield
-    assert harness_domains() == [], "the harness left libvirt domains behind"
-    assert stray_tracers() == [], "a bpftrace process outlived its test"
+    deadline = time.monotonic() + 15  # libvirtd reaps an autodestroy domain asynchronously
+    while (leaks := leaks_since(before)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leaks, f"the integration tests left these behind: {leaks}"
+    if on_ci():
+        assert harness_domains() == [], "the harness left libvirt domains behind"
+        assert stray_tracers() == [], "a tracer process outlived its test"
 
 
 SUITE = """\

@@ -5,7 +5,6 @@ Also runs ``harness doctor``'s checks against the live host.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -16,6 +15,12 @@ import pytest
 
 from harness.host.doctor import render, required_failures, run_checks
 from harness.host.facts import collect_host_facts
+from harness.image.micro import (
+    INSNS_TO_HALT,
+    MicroPhase,
+    build_micro_image,
+    expected_emulated_insns,
+)
 from harness.trace.kvmstats import (
     _qmp_command,
     debugfs_unavailable_reason,
@@ -23,6 +28,7 @@ from harness.trace.kvmstats import (
     read_qmp_stats,
     read_vm_stats,
 )
+from tests.conftest import requires
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +55,7 @@ dw 0xaa55
 
 
 def _need(*tools: str) -> None:
-    for t in tools:
-        if shutil.which(t) is None:
-            pytest.skip(f"{t} not installed (harness doctor --fix)")
-    if not Path("/dev/kvm").exists():
-        pytest.skip("/dev/kvm missing")
+    requires(tools=tools, kvm=True)
 
 
 @pytest.fixture
@@ -67,15 +69,25 @@ def boot_img(tmp_path: Path) -> Path:
     return img
 
 
+#: The micro guest of the QMP test: small, and its whole run is known exactly.
+MICRO_PHASES = (MicroPhase("one", 1, 1), MicroPhase("two", 2, 1))
+
+
 @pytest.fixture
-def paused_guest(boot_img: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """The tiny guest, created paused (-S) with a QMP socket; killed afterwards."""
-    _need("qemu-system-x86_64")
+def paused_guest(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """The micro guest's ROM, created paused (-S) with a QMP socket; killed afterwards.
+
+    Without an isa-debug-exit device it halts for good after its phases
+    (cli; hlt), so its counters stop where its code says.
+    """
+    _need("qemu-system-x86_64", "nasm")
+    image = build_micro_image(tmp_path / "img", MICRO_PHASES, token=0x51A7)
+    assert image.rom_path is not None
     qmp = tmp_path / "qmp.sock"
     argv = [
         "qemu-system-x86_64", "-accel", "kvm", "-m", "16", "-display", "none", "-no-reboot",
         "-nodefaults", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-drive", f"file={boot_img},format=raw,if=floppy", "-boot", "a",
+        "-bios", str(image.rom_path),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -88,6 +100,26 @@ def paused_guest(boot_img: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Po
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def _qmp(qmp: Path, command: str) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(qmp))
+        with s.makefile("rw", encoding="utf-8") as f:
+            f.readline()
+            _qmp_command(f, "qmp_capabilities")
+            _qmp_command(f, command)
+
+
+def _run_until_halted(qmp: Path, timeout_s: float = 60) -> None:
+    """``cont``; once the guest has halted (its ``halt_exits`` count moves), ``stop``."""
+    before = read_qmp_stats(qmp)
+    _qmp(qmp, "cont")
+    deadline = time.monotonic() + timeout_s
+    while diff(before, read_qmp_stats(qmp)).get("halt_exits", 0) == 0:
+        assert time.monotonic() < deadline, f"the guest did not halt within {timeout_s} s"
+        time.sleep(0.1)
+    _qmp(qmp, "stop")
 
 
 def _run_for(qmp: Path, seconds: float) -> None:
@@ -108,13 +140,15 @@ def test_qmp_stats_advance_and_debugfs_agrees_or_says_why(
     proc, qmp = paused_guest
     before = read_qmp_stats(qmp)
     assert "exits" in before and "insn_emulation" in before
-    _run_for(qmp, 1.5)
+    _run_until_halted(qmp)
     delta = diff(before, read_qmp_stats(qmp))
-    assert delta["exits"] > 0
+    assert delta["exits"] > 0 and delta["halt_exits"] >= 1
     facts = collect_host_facts()
     if facts.mmu_mode == "pvm":
-        # PVM emulates every real-mode instruction: a million or so per second.
-        assert delta["insn_emulation"] > 10_000
+        # PVM emulates every guest instruction: KVM's counter holds the guest's whole
+        # run from reset to its hlt, exactly as micro.asm's code gives it.
+        expected = sum(expected_emulated_insns(MICRO_PHASES).values()) + INSNS_TO_HALT
+        assert delta["insn_emulation"] == expected, (delta, expected)
     debugfs = read_vm_stats(proc.pid)
     if debugfs is None:
         reason = debugfs_unavailable_reason(proc.pid)

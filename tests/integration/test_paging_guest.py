@@ -20,9 +20,7 @@ per switch (LRU always evicts the space needed next).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -42,23 +40,16 @@ from harness.trace.correlate import phase_traces
 from harness.trace.model import PhaseTrace
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
+from tests.conftest import host_difference_skip
 from tests.integration.conftest import BACKENDS, make_backend
 from tests.integration.micro_qemu import micro_vm
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="bpftrace needs root"),
-    pytest.mark.skipif(shutil.which("bpftrace") is None, reason="bpftrace not installed"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed"),
-    pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm (paging guest) not installed"),
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm"),
-    pytest.mark.skipif(
-        not Path("/sys/kernel/tracing/events/kvmmmu/kvm_mmu_get_page").is_dir(),
-        reason="kvmmmu tracepoints not visible: mount -t tracefs nodev /sys/kernel/tracing",
-    ),
-    pytest.mark.skipif(
-        not Path("/sys/module/kvm_pvm").exists(),
-        reason="known answers assume KVM emulates every guest instruction (PVM backend)",
+    pytest.mark.requires(
+        root=True, tools=("bpftrace", "qemu-system-x86_64", "nasm"), kvm=True,
+        tracepoints=("kvm/kvm_cpuid", "kvmmmu/kvm_mmu_get_page"), mmu_modes=("pvm",),
+        why="the known answers assume KVM emulates every guest instruction",
     ),
 ]
 
@@ -171,9 +162,6 @@ def hugetlbfs(mount: Path, pages: int) -> Iterator[Path]:
             subprocess.run(["umount", str(mount)], check=True)
 
 
-@pytest.mark.skipif(
-    "hugetlbfs" not in Path("/proc/filesystems").read_text(), reason="no hugetlbfs here"
-)
 def test_hugetlbfs_backed_guest_memory_gives_the_same_answers(tmp_path: Path) -> None:
     """Guest RAM from 2 MiB hugetlbfs pages (as libvirt <memoryBacking><hugepages/> gives).
 
@@ -182,6 +170,8 @@ def test_hugetlbfs_backed_guest_memory_gives_the_same_answers(tmp_path: Path) ->
     reaches an SPTE. The test proves the backing was really used (8 huge
     pages taken while the guest exists) and that the counts stay exact.
     """
+    if "hugetlbfs" not in Path("/proc/filesystems").read_text():
+        host_difference_skip("this kernel has no hugetlbfs")
     k = 5
     phases = _phases(k, 11, 60, pages=300, edits=20)
     with hugetlbfs(tmp_path / "huge", pages=8) as mnt:

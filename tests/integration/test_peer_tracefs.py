@@ -17,8 +17,9 @@ from harness.image.micro import (
     build_micro_image,
 )
 from tests.bench.peer_tracefs import INSTANCE_PREFIX, TRACEFS, TracefsRecorder
+from tests.conftest import requires
 from tests.integration.micro_qemu import PausedMicroVM, micro_vm
-from tests.integration.test_micro_guest import _kvm_usable
+from tests.integration.test_micro_guest import require_micro_host
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +30,7 @@ PHASES = (MicroPhase("one", 1), MicroPhase("two", 2))
 
 @pytest.fixture()
 def image(tmp_path: Path) -> MicroImage:
-    reason = _kvm_usable()
-    if reason:
-        pytest.skip(reason)
+    require_micro_host()
     return build_micro_image(tmp_path / "img", PHASES, token=0x5EE5)
 
 
@@ -91,7 +90,6 @@ def test_pid_filter_excludes_other_processes(
 
 
 def test_bad_system_is_named(tmp_path: Path) -> None:
-    if not (TRACEFS / "instances").is_dir():
-        pytest.skip("tracefs not mounted")
+    requires(tracepoints=("kvm/kvm_cpuid",))
     with pytest.raises(ValueError, match="no event system 'kvmx'"):
         TracefsRecorder(tmp_path, ("kvmx",))

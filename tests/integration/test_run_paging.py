@@ -10,7 +10,6 @@ source (see tests/integration/test_paging_guest.py for the derivation).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +25,10 @@ from tests.conftest import harness_domains, stray_tracers
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        not Path("/sys/module/kvm_pvm").exists(),
-        reason="known answers assume KVM emulates every guest instruction (PVM backend)",
+    pytest.mark.requires(
+        root=True, tools=("bpftrace", "nasm"), mmu_modes=("pvm",),
+        why="the known answers assume KVM emulates every guest instruction",
     ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="libvirt system instance and bpftrace need root"),
 ]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from harness.image.micro import (
     MicroPhase,
     build_micro_image,
     expected_emulated_insns,
-    expected_loop_insns,
 )
 from harness.trace import probes as P
 from harness.trace.backend import Backend, Choice
@@ -45,14 +43,9 @@ from tests.integration.micro_qemu import micro_vm
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="bpftrace needs root"),
-    pytest.mark.skipif(shutil.which("bpftrace") is None, reason="bpftrace not installed"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed"),
-    pytest.mark.skipif(shutil.which("nasm") is None, reason="nasm (micro guest) not installed"),
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm"),
-    pytest.mark.skipif(
-        not Path("/sys/kernel/tracing/events/kvm").is_dir(),
-        reason="kvm tracepoints not visible: mount -t tracefs nodev /sys/kernel/tracing",
+    pytest.mark.requires(
+        root=True, tools=("bpftrace", "qemu-system-x86_64", "nasm"), kvm=True,
+        tracepoints=("kvm/kvm_cpuid", "kvm/kvm_emulate_insn"),
     ),
 ]
 
@@ -136,7 +129,7 @@ def test_micro_guest_phases_are_attributed_exactly(tmp_path: Path, backend: Back
         assert pt[k].emulated_insns == expected[k], (k, pt[k].emulated_insns, expected[k])
         assert pt[k].events_by_probe.get("kvm_cpuid") == 1
         assert (pt[k].duration_ns or 0) > 0
-    assert pt[0].emulated_insns > 0  # the BIOS ran in phase 0
+    assert pt[0].emulated_insns == expected[0]  # the ROM's start and the final exit
 
     # Per-phase totals including phase 0 add up exactly to the unphased totals.
     totals = unphased_totals(final, target)
@@ -375,7 +368,10 @@ def test_both_backends_tracing_one_guest_at_once_agree_exactly(tmp_path: Path) -
         assert set(a.counter("gdur")) == set(b.counter("gdur"))
         assert a.stack("stk") == b.stack("stk")
     evt = final_lb.counter("evt")
-    assert sum(evt.values()) > sum(expected_loop_insns(p) for p in phases)
+    # Every instruction the guest ran from reset to its exit, as micro.asm says.
+    insn = P.probe_id("kvm_emulate_insn")
+    emulated = sum(n for key, n in evt.items() if key[-1] == insn)
+    assert emulated == sum(expected_emulated_insns(phases).values())
     assert len(dumps) >= 5, "the guest finished before dumps could be taken"
     for before, after in itertools.pairwise([*dumps, evt]):
         assert all(after.get(k, 0) >= n for k, n in before.items())
