@@ -198,21 +198,40 @@ class QmpError(RuntimeError):
     """QEMU's monitor answered with an error or not at all."""
 
 
+#: Longest QMP message read, and most messages (events) read while waiting for one reply.
+MAX_QMP_LINE = 1 << 20
+MAX_QMP_MESSAGES = 1000
+
+
 def _qmp_command(stream: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """Send ``command`` and return its reply; anything else QEMU says is a QmpError.
+
+    Bounded: at most MAX_QMP_MESSAGES messages of MAX_QMP_LINE characters are read.
+    """
     msg: dict[str, Any] = {"execute": command}
     if arguments:
         msg["arguments"] = arguments
     stream.write(json.dumps(msg) + "\n")
     stream.flush()
-    while True:
-        line = stream.readline()
+    for _ in range(MAX_QMP_MESSAGES):
+        line = stream.readline(MAX_QMP_LINE + 1)
         if not line:
             raise QmpError(f"QMP connection closed while waiting for {command}")
-        reply = json.loads(line)
+        if len(line) > MAX_QMP_LINE:
+            raise QmpError(f"QMP {command}: a message longer than {MAX_QMP_LINE} characters")
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise QmpError(f"QMP {command}: not a JSON message: {line[:200]!r}") from e
+        if not isinstance(reply, dict):
+            raise QmpError(f"QMP {command}: not a JSON object: {line[:200]!r}")
         if "error" in reply:
-            raise QmpError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            err = reply["error"]
+            desc = err.get("desc", err) if isinstance(err, dict) else err
+            raise QmpError(f"QMP {command}: {str(desc)[:200]}")
         if "return" in reply:
             return reply  # events ({"event": ...}) are skipped
+    raise QmpError(f"QMP {command}: no reply among {MAX_QMP_MESSAGES} messages")
 
 
 def qmp_query_stats(stream: Any) -> dict[str, int]:

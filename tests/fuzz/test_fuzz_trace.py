@@ -7,6 +7,7 @@ Property: parse results of the documented shape, or TraceParseError / ValueError
 
 from __future__ import annotations
 
+import io
 from contextlib import suppress
 from typing import Any
 
@@ -121,3 +122,46 @@ def test_qmp_query_stats_replies(replies: list[Any]) -> None:
 def test_a_debugfs_stat_file(text: str) -> None:
     value = kvmstats.parse_stat_value(text)
     assert value is None or isinstance(value, int)
+
+
+class StreamDouble(io.StringIO):
+    """A QMP text stream double: what QEMU says, and what the harness wrote (ignored)."""
+
+    def __init__(self, replies: str) -> None:
+        super().__init__(replies)
+        self.sent: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.sent.append(text)
+        return len(text)
+
+
+QMP_LINE = st.one_of(
+    QMP_REPLY.map(dumps),
+    st.fixed_dictionaries({"event": NASTY_TEXT}).map(dumps),
+    st.fixed_dictionaries({"error": json_values()}).map(dumps),
+    st.text(max_size=40),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(QMP_LINE, max_size=6))
+@example(['{"return": {}}', deep_json(100_000)])  # RecursionError before
+@example(['{"return": {}}', '{"error": "no desc"}'])  # AttributeError before
+@example(['{"return": {}}', "5"])  # TypeError before
+def test_a_qmp_conversation(lines: list[str]) -> None:
+    stream = StreamDouble("".join(line.replace("\n", " ") + "\n" for line in lines))
+    try:
+        got = kvmstats.qmp_query_stats(stream)
+    except (kvmstats.QmpError, ValueError):
+        tally("refused")
+        return
+    tally("parsed")
+    assert all(isinstance(v, int) for v in got.values())
+
+
+def test_a_monitor_that_only_sends_events_is_given_up_on() -> None:
+    """QEMU's events are skipped while waiting for a reply, but not without end."""
+    stream = StreamDouble('{"event": "RESUME"}\n' * (kvmstats.MAX_QMP_MESSAGES + 5))
+    with pytest.raises(kvmstats.QmpError, match="no reply among 1000 messages"):
+        kvmstats.qmp_query_stats(stream)
