@@ -20,6 +20,13 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+def _compare_threshold(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    # The very parser of `harness compare --threshold`, so both accept the same spellings.
+    from harness.cli import _threshold
+
+    return _threshold(ctx, param, value)
+
+
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--compare", "base", multiple=True, type=click.Path(path_type=Path),
@@ -29,8 +36,9 @@ class BadInput(click.ClickException):
               help="Write the self-contained HTML page here.")
 @click.option("--png", "png_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Also write every plot as a PNG file into this directory.")
-@click.option("--threshold", default=0.05, show_default=True, type=float,
-              help="Smallest relative change that counts, as a fraction (compare's default).")
+@click.option("--threshold", default="5%", show_default=True, callback=lambda c, p, v:
+              _compare_threshold(c, p, v),
+              help="Smallest change that counts, as in `harness compare --threshold`.")
 def report(results: tuple[Path, ...], base: tuple[Path, ...], html_path: Path,
            png_dir: Path | None, threshold: float) -> None:
     """One HTML page of RESULT files (or directories): traces per phase, metrics, call paths.
