@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,14 +54,37 @@ def all_domains() -> list[str]:
     return [n for n in out.split() if n]
 
 
-def wait_until_alone(mine: str | None, timeout_s: float = 300) -> None:
-    """Wait until libvirtd runs no domain but ``mine`` (other sessions share it)."""
+def wait_until_alone(mine: str | None, timeout_s: float = 300, poll_s: float = 5) -> None:
+    """Wait until libvirtd runs no domain but ``mine`` (other sessions share it).
+
+    Killing libvirtd would cut every other session's connection, so the test
+    never does it beside another domain; a host that stays busy fails the test
+    (it did not run, which must not look like a pass or a quiet skip).
+    """
     deadline = time.monotonic() + timeout_s
     while (others := [d for d in all_domains() if d != mine]) and time.monotonic() < deadline:
-        time.sleep(5)
+        time.sleep(poll_s)
     if others:
-        pytest.skip(f"libvirtd still runs other sessions' domains after {timeout_s:.0f} s: "
-                    f"{others}")
+        pytest.fail(
+            f"libvirtd still runs other domains after {timeout_s:.0f} s: {others}. Restarting "
+            "it would cut their sessions' connections, so this test did not run; run it "
+            "when no other libvirt domain exists (on CI, none does)",
+            pytrace=False,
+        )
+
+
+def test_a_busy_libvirtd_fails_the_test_instead_of_skipping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``all_domains`` is replaced by a double that reports another session's domain."""
+
+    def other_sessions_domain() -> list[str]:
+        return ["kvmh-someone-else-a"]
+
+    monkeypatch.setattr(sys.modules[__name__], "all_domains", other_sessions_domain)
+    with pytest.raises(pytest.fail.Exception, match=r"kvmh-someone-else-a.*did not run"):
+        wait_until_alone(None, timeout_s=0, poll_s=0)
+    wait_until_alone("kvmh-someone-else-a", timeout_s=0, poll_s=0)  # its own domain: no wait
 
 
 def restart_libvirtd() -> None:
