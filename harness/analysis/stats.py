@@ -108,7 +108,8 @@ def variance_components(sides: Sequence[Boots]) -> Components:
     """One-way random-effects ANOVA (method of moments), pooled over the given sides.
 
     Each side keeps its own mean (the sides may differ); boots are groups. On
-    log values where every value is positive (as the test), raw ones otherwise.
+    log values where every value is positive (as the test), raw ones otherwise,
+    then divided by the mean of all values: either way an SD reads as relative.
     ``between_sd`` is None where there are fewer than two boots on every side,
     ``within_sd`` None where no boot has two repetitions.
     """
@@ -138,6 +139,11 @@ def variance_components(sides: Sequence[Boots]) -> Components:
         var_b = msb - (msw or 0.0) if msw is not None else msb
         between = math.sqrt(max(0.0, var_b / n0))
     within = math.sqrt(msw) if msw is not None else None
+    if not log and values:
+        # Raw values (some <= 0): relative to the mean, so they read like the log scale's.
+        scale = abs(float(np.mean(values)))
+        between = None if between is None else (between / scale if scale else math.inf)
+        within = None if within is None else (within / scale if scale else math.inf)
     return Components(between, within, float(np.mean(reps)) if reps else 0.0)
 
 

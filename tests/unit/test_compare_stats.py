@@ -230,3 +230,14 @@ def test_holm_keeps_the_family_wise_rate_when_other_figures_really_moved() -> No
           f"Holm {false_holm / trials:.3f}")
     assert false_holm / trials <= 0.05
     assert false_bh > false_holm
+
+
+def test_components_of_raw_values_are_relative_to_the_mean() -> None:
+    """A figure with a 0 (raw scale) still reports its noise as a share, not in its unit."""
+    boots = [[0.0, 100.0], [100.0, 100.0], [110.0, 90.0]]
+    comp = stats.variance_components([boots])
+    raw = stats.variance_components([[[v + 1e6 for v in b] for b in boots]])  # same spread
+    mean = float(np.mean([v for b in boots for v in b]))
+    assert comp.within_sd is not None and raw.within_sd is not None
+    assert comp.within_sd == pytest.approx(raw.within_sd * (1e6 + mean) / mean, rel=1e-3)
+    assert comp.within_sd < 1.0
