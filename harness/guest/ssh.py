@@ -204,7 +204,9 @@ class SshGuest:
     def phase_command(self, command: str, token: int, phase: int) -> str:
         """Bracket ``command`` with kvm-marker calls; keep the workload's exit status."""
         mark = f"{MARKER_TOOL} {token}"
-        inner = f"{mark} {phase}; {command}; rc=$?; {mark} 0; exit $rc"
+        # A subshell, so that an `exit` in the command (kv-store's stop phase has
+        # two) ends only the command and the closing marker still runs.
+        inner = f"{mark} {phase}; ( {command}\n); rc=$?; {mark} 0; exit $rc"
         return f"sh -c {shlex.quote(inner)}"
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.guest.base import GuestError, GuestTimeout
-from harness.guest.ssh import SshGuest
+from harness.guest.ssh import MARKER_TOOL, SshGuest
 from harness.image.linux import LinuxImage
 from tests.integration.conftest import Booted, booted_guest
 
@@ -49,10 +49,44 @@ def test_put_and_get_round_trip(booted: Booted, tmp_path: Path) -> None:
         booted.guest.get("/no/such/file", tmp_path / "x")
 
 
-def test_phase_command_brackets_with_markers_and_keeps_status(booted: Booted) -> None:
-    wrapped = booted.guest.phase_command("echo hi; exit 3", token=0x1234, phase=5)
+#: Installed over the guest's kvm-marker (on this VM's throwaway overlay): runs the real
+#: tool, then logs its arguments and exit status. Under TCG no kvm_cpuid reaches the
+#: host, so this is where the markers around a phase can be seen.
+MARKER_LOGGER = f"""#!/bin/sh
+{MARKER_TOOL}.real "$@"
+rc=$?
+echo "marker $* rc=$rc" >> /tmp/markers.log
+exit $rc
+"""
+
+
+@pytest.fixture
+def logged_markers(booted: Booted) -> Iterator[Path]:
+    """kvm-marker calls logged to the returned guest path; the real tool put back after."""
+    setup = (
+        f"rm -f /tmp/markers.log && mv {MARKER_TOOL} {MARKER_TOOL}.real && "
+        f"cat > {MARKER_TOOL} <<'EOF'\n{MARKER_LOGGER}EOF\nchmod 755 {MARKER_TOOL}"
+    )
+    assert booted.guest.run(setup, timeout_s=30).exit_status == 0
+    try:
+        yield Path("/tmp/markers.log")
+    finally:
+        booted.guest.run(f"mv -f {MARKER_TOOL}.real {MARKER_TOOL}", timeout_s=30)
+
+
+def test_phase_command_brackets_with_markers_and_keeps_status(
+    booted: Booted, logged_markers: Path
+) -> None:
+    command = f"echo hi; echo command >> {logged_markers}; exit 3"
+    wrapped = booted.guest.phase_command(command, token=0x1234, phase=5)
     out = booted.guest.run(wrapped, timeout_s=30)
     assert (out.exit_status, out.stdout) == (3, "hi\n")
+    # The real kvm-marker ran for phase 5 before the command and for phase 0 after it,
+    # each to a clean exit (its cpuid executed; a bad marker exits 2, as below).
+    log = booted.guest.run(f"cat {logged_markers}", timeout_s=30).stdout.splitlines()
+    assert log == ["marker 4660 5 rc=0", "command", "marker 4660 0 rc=0"]
+    bad = booted.guest.run(f"{MARKER_TOOL} 0 1", timeout_s=30)
+    assert bad.exit_status == 2 and "TOKEN must be an integer" in bad.stderr
 
 
 def test_wrong_host_key_is_rejected_at_once(booted: Booted, linux_image: LinuxImage) -> None:
