@@ -177,6 +177,17 @@ def _print_table(result: RunResult) -> None:
 
     # Logs (CI, pipes) have no terminal width; keep the table readable there.
     Console(width=None if sys.stdout.isatty() else 180).print(summary_table(result))
+    warm = sum(1 for r in result.runs if r.warmup)
+    if warm:
+        click.echo(f"{warm} warm-up repetition(s) recorded, never compared")
+    for note in result.steady_state:
+        click.echo(f"not steady: {note}")
+    load = result.host_load
+    if load is not None and load.busy:
+        click.echo(
+            f"busy host: processes outside this run used {(load.other_cpu_share or 0) * 100:.0f}%"
+            " of its CPU time while it measured; its times carry that load, its counts do not"
+        )
 
 
 def _warn_host_left_changed(result: RunResult) -> None:
