@@ -19,7 +19,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from harness.history import store
 from harness.paths import SUITES_DIR
-from tests.integration.history_files import derive
+from tests.integration.reports.history_files import derive
 
 pytestmark = pytest.mark.integration
 

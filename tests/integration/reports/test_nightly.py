@@ -19,7 +19,7 @@ from harness.paths import SUITES_DIR
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def nightly(tmp_path: Path, night: int) -> tuple[int, Path, str]:

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from real_results are named as parameters)
 """Shards of a suite, merged, compare like the unsharded run: every phase matched once.
 
 The paging guest's traced MMU counts are exact (test_paging_guest.py), so the
@@ -15,7 +14,7 @@ from harness.analysis.compare import compare
 from harness.analysis.resultset import load_side
 from harness.paths import SUITES_DIR
 from harness.results import load
-from tests.integration.real_results import paging_result, run_suite  # noqa: F401
+from tests.integration.reports.real_results import run_suite
 
 pytestmark = pytest.mark.integration
 

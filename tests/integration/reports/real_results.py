@@ -1,8 +1,8 @@
 """Real result files for the report and history tests, made once per session.
 
 Each fixture runs a real suite through `harness run` (real libvirtd, QEMU,
-tracer): the micro KVM guest (seconds), the paging guest with stacks, the
-default suite (TCG here), and a paging run SIGKILLed mid-way and then marked
+tracer): the micro KVM guest (seconds), the paging guest with stacks, a
+short TCG suite, and a paging run SIGKILLed mid-way and then marked
 killed by harness.results.mark_killed, as the next run would.
 Import the fixtures into a test module to use them.
 """
@@ -52,9 +52,10 @@ def paging_result(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_result(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default suite: a Linux guest, TCG on this machine."""
-    return run_suite(SUITES_DIR / "default.toml", tmp_path_factory.mktemp("default"))
+def tcg_result(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short TCG suite (the default suite's guest and page-touch, one boot, a warm-up)."""
+    suite = Path(__file__).parent / "report-tcg.toml"
+    return run_suite(suite, tmp_path_factory.mktemp("tcg"))
 
 
 @pytest.fixture(scope="session")
