@@ -194,3 +194,23 @@ def test_migrations_build_exactly_the_tables_the_code_queries(db_url: str) -> No
         diff = compare_metadata(MigrationContext.configure(conn), store.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_baseline_of_a_shard_is_the_last_run_of_that_shard(
+    micro_results: tuple[Path, Path], tmp_path: Path
+) -> None:
+    paths = derive(micro_results[0], tmp_path / "r", 4)
+    for i, path in enumerate(paths):  # runs 0 and 2 were shard 2/3, as `run --shard` records
+        if i % 2 == 0:
+            data = json.loads(path.read_text())
+            data["command_line"] = [*data["command_line"], "--shard", "2/3"]
+            path.write_text(json.dumps(data))
+    url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    assert harness("history", "index", str(tmp_path / "r"), "--db", url).returncode == 0
+    got = harness("history", "baseline", "micro-kvm", "--shard", "2/3", "--db", url)
+    assert got.returncode == 0 and got.stdout.strip() == str(paths[2].resolve())
+    whole = harness("history", "baseline", "micro-kvm", "--db", url)
+    assert whole.stdout.strip() == str(paths[3].resolve())
+    mine = harness("history", "baseline", "micro-kvm", "--host-class-of", str(paths[0]),
+                   "--exclude", json.loads(paths[3].read_text())["run_id"], "--db", url)
+    assert mine.stdout.strip() == str(paths[2].resolve())
