@@ -406,7 +406,8 @@ class TraceSpec(_Strict):
     enabled: bool = True
     probes: list[str] = ["default"]
     #: Probes whose kernel stacks are counted per VM, phase and probe ("stacks" = the
-    #: MMU default set); each must be among the probes traced.
+    #: MMU default set); each must be among the probes traced. ``name/N`` samples: a
+    #: stack on every Nth event per CPU, path counts then estimates with a 95% interval.
     stacks: list[str] = []
     stack_depth: int = Field(default=DEFAULT_STACK_DEPTH, ge=1, le=MAX_STACK_DEPTH)
     #: Keep ``function+offset`` frames (call sites apart) instead of function names.
@@ -420,7 +421,7 @@ class TraceSpec(_Strict):
         try:
             traced = probes.select(self.probes)
             selected = {p.name for p in traced}
-            stacked = {p.name for p in probes.select_stacks(self.stacks, traced)}
+            stacked = set(probes.stack_periods(self.stacks, traced))
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         missing = sorted(stacked - selected)

@@ -66,7 +66,7 @@ def start_tracer(
             [t for t, _ in traced],
             workdir=state.run_dir / f"trace-{label}",
             view=view,
-            stacks=[p.name for p in probes.select_stacks(state.stack_probes, selected)],
+            stacks=probes.stack_entries(state.stack_probes, selected),
             stack_depth=state.stack_depth,
             backend=choice.backend,
             backend_reason=choice.reason,
@@ -130,6 +130,7 @@ def trace_phase(
         attached=attached,
         stack_depth=tracer.program.stack_depth,
         stack_offsets=state.stack_offsets,
+        stack_periods=dict(tracer.program.stack_periods),
     ).get(phase.index)
     if phase.kvm_stats is not None:
         traced = crosscheck.host_window_counts(snapshot, target.pid, phase.index)

@@ -3,6 +3,8 @@
 Reads a result file only. Stacks of one phase are summed over the
 repetitions of its workload (and over boots), so a tree or flame graph shows
 where that phase's events came from; ``--phase``/``--probe``/``--vm`` narrow it.
+Sampled stacks (``name/N``) are summed the same way; each tree node then also
+shows its estimated events with a 95% Wilson interval (harness/trace/stacks.py).
 Runs that differ in their parameters are never summed: each parameter set is
 its own entry, labelled with the parameters that differ. Everything here is
 iterative (a result from elsewhere may hold a stack thousands of frames deep)
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from harness.results import RunResult
 from harness.textsafe import printable
 from harness.trace.model import ProbeStacks, StackCount
-from harness.trace.stacks import function
+from harness.trace.stacks import function, path_estimates, wilson
 
 ParamItems = tuple[tuple[str, str], ...]
 _Key = tuple[str, str, ParamItems, str, str]  # VM, workload, parameters, phase, probe
@@ -89,13 +91,16 @@ def collect(
                 if probe is not None and name != probe:
                     continue
                 key = (run.vm, run.workload, params, p.name, name)
-                reps, counts, totals = sums.setdefault(key, (0, Counter(), [0, 0, 0, st.depth]))
+                reps, counts, totals = sums.setdefault(
+                    key, (0, Counter(), [0, 0, 0, st.depth, st.period]))
                 for s in st.stacks:
                     counts[tuple(s.frames)] += s.count
                 totals[0] += st.events
                 totals[1] += st.stacked
                 totals[2] += st.truncated
                 totals[3] = max(totals[3], st.depth)
+                # One suite, one period; were they to differ, the coarser one is said.
+                totals[4] = max(totals[4], st.period)
                 sums[key] = (reps + 1, counts, totals)
     out = []
     for (vm_name, workload, params, phase_name, name), (reps, counts, totals) in sums.items():
@@ -114,6 +119,7 @@ def collect(
                 stacks=ProbeStacks(
                     events=totals[0],
                     stacked=totals[1],
+                    period=totals[4],
                     truncated=totals[2],
                     depth=totals[3],
                     stacks=[
@@ -121,6 +127,8 @@ def collect(
                         for f, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                     ],
                     paths=dict(paths.most_common()),
+                    path_estimates=(path_estimates(dict(paths), totals[1], totals[0])
+                                    if totals[4] > 1 else {}),
                 ),
             )
         )
@@ -141,6 +149,9 @@ def render_tree(items: list[PhaseProbeStacks], *, min_share: float = 0.0) -> str
     for it in items:
         st = it.stacks
         cover = f"{st.stacked} of {st.events} events stacked"
+        if st.period > 1:
+            cover = (f"sampled, a stack every {st.period} events per CPU: {st.stacked} stacks "
+                     f"of {st.events} events; estimated events [95% interval]")
         cut = f", {st.truncated} cut at depth {st.depth}" if st.truncated else ""
         out.append(f"== {it.label}  probe {printable(it.probe)}  ({it.repetitions} "
                    f"repetition(s); {cover}{cut})")
@@ -193,8 +204,14 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
         if depth >= 0:
             pad = "  " * min(depth, MAX_INDENT)
             deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
+            est = ""
+            if stacks.period > 1:
+                lo, hi = wilson(node.count, stacks.stacked)
+                share = node.count / total
+                est = (f"  ~{share * stacks.events:.0f} "
+                       f"[{lo * stacks.events:.0f}, {hi * stacks.events:.0f}]")
             lines.append(f"{pad}{deep}{printable(name)}  {node.count} "
-                         f"({100 * node.count / total:.1f}%)")
+                         f"({100 * node.count / total:.1f}%){est}")
         children = sorted(node.children.items(), key=lambda kv: -kv[1].count)
         # Pushed in reverse so the largest child is printed first, as the recursion did.
         todo.extend((depth + 1, n, c) for n, c in reversed(children)

@@ -105,7 +105,9 @@ def _trace_figures(out: PhaseFigures, t: PhaseTrace) -> None:
         # Events of `probe` whose kernel stack passed through a function; absent = 0 here.
         out.count_families.add(f"path.{probe}.")
         for fn, n in st.paths.items():
-            _put(out, f"path.{probe}.{fn}", n, False, "events")
+            # Sampled stacks: the estimate (share of samples x exact events), not samples.
+            est = st.path_estimates.get(fn)
+            _put(out, f"path.{probe}.{fn}", est.events if est else n, False, "events")
     if t.root_loads is not None:
         _put(out, "trace.root_loads", t.root_loads, False, "loads")
     for name, buckets in t.latency_ns.items():

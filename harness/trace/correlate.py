@@ -16,7 +16,7 @@ unphased totals:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from harness.trace.exit_reasons import (
@@ -89,6 +89,7 @@ def phase_traces(
     mmu_mode: str | None = None,
     stack_depth: int = DEFAULT_STACK_DEPTH,
     stack_offsets: bool = False,
+    stack_periods: Mapping[str, int] | None = None,
 ) -> dict[int, PhaseTrace]:
     """Per-phase records of ``target`` for ``phases`` plus phase 0 (outside any phase).
 
@@ -97,7 +98,8 @@ def phase_traces(
     Without it, root loads count as seen when any root probe has events.
     ``mmu_mode`` (HostFacts.mmu_mode) decides ``cr3_writes_note``.
     ``stack_depth`` is the program's kstack depth (stacks that reach it were cut);
-    ``stack_offsets`` keeps ``function+offset`` frames instead of function names.
+    ``stack_offsets`` keeps ``function+offset`` frames instead of function names;
+    ``stack_periods`` names sampled probes and their periods (TraceProgram.stack_periods).
     """
     pid = target.pid
     attr = attributor(snapshot, pid, phases)
@@ -218,7 +220,7 @@ def phase_traces(
                        for (lo, hi), c in sorted(b.items(), key=lambda x: x[0][1])]
                 for name, b in lat[p].items()
             },
-            stacks=probe_stacks(stk.get(p, {}), ev, stack_depth),
+            stacks=probe_stacks(stk.get(p, {}), ev, stack_depth, stack_periods),
         )
     return out
 

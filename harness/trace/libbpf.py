@@ -46,6 +46,7 @@ from harness.trace.program import (
     TraceTarget,
     collected_depth,
     new_session,
+    stack_plan,
     validate_targets,
 )
 
@@ -399,13 +400,8 @@ def generate(
     attached = tuple(s for s in statuses if s.available and s.attach)
     not_attached = tuple(s for s in statuses if not (s.available and s.attach))
     names = {s.probe.name for s in attached}
-    for name in stacks:
-        if name not in {s.probe.name for s in statuses}:
-            raise ProgramError(
-                f"stacks: {name!r} is not one of the selected probes; stack only probes "
-                "that are traced (add it to the probe selection)"
-            )
-    stacked = frozenset(n for n in stacks if n in names)
+    periods = stack_plan(stacks, statuses)
+    stacked = frozenset(n for n in periods if n in names)
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
 
     def render(ts: Sequence[TraceTarget], sess: int, owner: int) -> str:
@@ -418,7 +414,9 @@ def generate(
             f"owner {owner}",
             *(f"# {t.vm}\ntarget {t.pid} {t.token}" for t in ts),
             *(f"probe {s.probe.name}" for s in attached),
-            *(f"stack {n}" for n in sorted(stacked)),
+            # "stack NAME PERIOD": a stack on every PERIOD-th event per CPU and VM.
+            *(f"stack {n}" + (f" {periods[n]}" if periods[n] > 1 else "")
+              for n in sorted(stacked)),
             f"stack_depth {collected_depth(stack_depth)}",
             *(f"latency {i}" for i in latencies),
         ]
@@ -438,6 +436,7 @@ def generate(
         maps=tuple(maps),
         stacks=stacked,
         stack_depth=stack_depth,
+        stack_periods=tuple(sorted((n, periods[n]) for n in stacked if periods[n] > 1)),
         backend="libbpf",
         template=render(canonical, 1, 1),
     )

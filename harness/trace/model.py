@@ -33,13 +33,42 @@ class StackCount(BaseModel):
     count: int = Field(ge=1)
 
 
+class PathEstimate(BaseModel):
+    """A sampled probe's events through one function: share of the samples, scaled, with CI.
+
+    The share p = k/n of the n sampled stacks whose stack passes through the function
+    (k of them) is read as a binomial proportion; its 95% Wilson score interval is
+    ``[share_low, share_high]``, and the estimate is the share times the probe's exact
+    event count (the counts are never sampled), with the interval scaled the same way.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float = Field(ge=0, le=1, description="k/n: sampled stacks through the function")
+    share_low: float = Field(ge=0, le=1, description="95% Wilson interval, low end")
+    share_high: float = Field(ge=0, le=1, description="95% Wilson interval, high end")
+    events: float = Field(ge=0, description="estimated events: share x the exact event count")
+    low: float = Field(ge=0, description="share_low x the exact event count")
+    high: float = Field(ge=0, description="share_high x the exact event count")
+
+
 class ProbeStacks(BaseModel):
     """A probe's kernel stacks in one phase, with what they cover and what derives from them."""
 
     model_config = ConfigDict(extra="forbid")
 
     events: int = Field(ge=0, description="the probe's events in this phase (events_by_probe)")
-    stacked: int = Field(ge=0, description="events with a stack; equals events unless lost")
+    stacked: int = Field(
+        ge=0,
+        description="events with a stack; equals events unless lost, or about events/period "
+        "when sampled",
+    )
+    period: int = Field(
+        default=1,
+        ge=1,
+        description="sampling period: a stack on every period-th event per CPU and VM; 1 = "
+        "every event (paths exact), more = sampled (paths count samples, see path_estimates)",
+    )
     truncated: int = Field(
         ge=0, description="events whose stack reached the depth limit (outer frames cut)"
     )
@@ -49,7 +78,12 @@ class ProbeStacks(BaseModel):
         default_factory=dict,
         description="derived from stacks: function -> events whose stack passes through it "
         "(e.g. kvm_mmu_load: root lookups it made), an honest count where the function "
-        "itself cannot be probed",
+        "itself cannot be probed; when sampled (period > 1), sampled stacks through it",
+    )
+    path_estimates: dict[str, PathEstimate] = Field(
+        default_factory=dict,
+        description="sampled probes only: function -> estimated events through it, with "
+        "its 95% interval (empty when every event has its stack)",
     )
 
 

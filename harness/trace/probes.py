@@ -178,6 +178,62 @@ STACK_DEFAULT: Final[tuple[str, ...]] = tuple(
 )
 
 
+#: Largest sampling period of a stacked probe (``stacks = ["kvm_emulate_insn/64"]``).
+MAX_STACK_PERIOD: Final = 1 << 20
+
+
+def split_stack_entry(entry: str) -> tuple[str, int]:
+    """``"kvm_emulate_insn/64"`` -> ``("kvm_emulate_insn", 64)``; no period is 1 (every event).
+
+    A period N takes a kernel stack on every Nth event of the probe per CPU (and VM);
+    the event counts stay exact. ValueError naming the entry and the fix otherwise.
+    """
+    name, sep, period = entry.partition("/")
+    if not sep:
+        return entry, 1
+    if not period.isdecimal() or not 1 <= int(period) <= MAX_STACK_PERIOD:
+        raise ValueError(
+            f"stacks: {entry!r}: the sampling period after '/' must be a whole number in "
+            f"1..{MAX_STACK_PERIOD} (a stack every Nth event per CPU), e.g. "
+            f"{name.strip() or 'kvm_emulate_insn'}/64"
+        )
+    return name, int(period)
+
+
+def stack_periods(
+    names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
+) -> dict[str, int]:
+    """Probe name -> sampling period for each probe to stack (see :func:`select_stacks`).
+
+    A probe named on its own overrides the period of a group that holds it; the same
+    probe named twice with different periods is a ValueError.
+    """
+    traced_list = None if traced is None else list(traced)
+    named: dict[str, int] = {}
+    grouped: dict[str, int] = {}
+    for item in names_or_groups:
+        name, period = split_stack_entry(item)
+        for p in select_stacks([name], traced_list):
+            if name in (STACK_GROUP, *GROUPS):
+                grouped[p.name] = period
+            elif named.get(p.name, period) != period:
+                raise ValueError(
+                    f"stacks: {p.name} is listed with periods {named[p.name]} and {period}; "
+                    f"list it once (e.g. {p.name}/{period})"
+                )
+            else:
+                named[p.name] = period
+    return {**grouped, **named}
+
+
+def stack_entries(
+    names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
+) -> list[str]:
+    """The tracer's ``stacks`` argument: ``name`` (every event) or ``name/N`` per probe."""
+    return [n if k == 1 else f"{n}/{k}"
+            for n, k in sorted(stack_periods(names_or_groups, traced).items())]
+
+
 def select_stacks(
     names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
 ) -> list[Probe]:
@@ -188,7 +244,8 @@ def select_stacks(
     """
     traced_names = None if traced is None else {p.name for p in traced}
     wanted: set[str] = set()
-    for item in names_or_groups:
+    for entry in names_or_groups:
+        item = split_stack_entry(entry)[0]
         if item == STACK_GROUP:
             wanted.update(n for n in STACK_DEFAULT if traced_names is None or n in traced_names)
         elif item in GROUPS:

@@ -28,6 +28,7 @@ Map layout (every key is an integer; probe ids are catalogue indices,
 ``@getpage[pid, g, h, created]``        kvm_mmu_get_page: new (1) vs existing (0) MMU pages
 ``@lat[pid, g, h, latency]``            log2 histograms of paired-probe latencies
 ``@stk[pid, g, h, probe, kstack]``     kernel stacks of the probes asked for (``stacks``)
+``@scnt[pid, cpu, probe]``              events since the last stack of a sampled probe
 ``@dump_done``                          sequence number of the last completed dump
 =====================================  ==========================================
 """
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from harness.trace.probes import MARKER_PROBE, ProbeStatus, probe_id
+from harness.trace.probes import MARKER_PROBE, ProbeStatus, probe_id, split_stack_entry
 
 #: CPUID leaf of guest phase markers (ECX = (token << 16) | phase).
 GUEST_MARKER_LEAF: Final = 0x4B564D00
@@ -130,6 +131,8 @@ class TraceProgram:
     maps: tuple[str, ...]
     stacks: frozenset[str] = frozenset()
     stack_depth: int = DEFAULT_STACK_DEPTH
+    #: Sampled stacks: (probe, period N > 1), a stack on every Nth event per CPU and VM.
+    stack_periods: tuple[tuple[str, int], ...] = ()
     #: Which tracer runs it: "bpftrace" (text is a bpftrace program) or "libbpf"
     #: (text is the kvmtrace loader's configuration, harness.trace.libbpf).
     backend: str = "bpftrace"
@@ -222,19 +225,16 @@ def generate(
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
     if not 1 <= stack_depth <= MAX_STACK_DEPTH:
         raise ProgramError(f"stack_depth: {stack_depth} is not in 1..{MAX_STACK_DEPTH}")
-    for name in stacks:
-        if name not in {s.probe.name for s in statuses}:
-            raise ProgramError(
-                f"stacks: {name!r} is not one of the selected probes; stack only probes "
-                "that are traced (add it to the probe selection)"
-            )
+    periods = stack_plan(stacks, statuses)
     # A stacked probe that did not attach has no events and so no stacks.
-    stacked = frozenset(n for n in stacks if n in names)
+    stacked = frozenset(n for n in periods if n in names)
+    sampled = tuple(sorted((n, k) for n, k in periods.items() if n in stacked and k > 1))
     gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth,
-               os.getpid() if owner is None else owner)
+               os.getpid() if owner is None else owner, dict(sampled))
     text = gen.render()
     canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(targets) + 1))
-    template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth, 1).render()
+    template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth, 1,
+                    dict(sampled)).render()
     return TraceProgram(
         text=text,
         targets=tuple(targets),
@@ -245,8 +245,34 @@ def generate(
         maps=gen.maps_used(),
         stacks=stacked,
         stack_depth=stack_depth,
+        stack_periods=sampled,
         template=template,
     )
+
+
+def stack_plan(stacks: Sequence[str], statuses: Sequence[ProbeStatus]) -> dict[str, int]:
+    """Probe -> sampling period of ``stacks`` entries (``name`` or ``name/N``), checked.
+
+    Every named probe must be among ``statuses`` (the selected probes); a probe listed
+    twice must have one period. ProgramError says which entry and how to fix it.
+    """
+    selected = {s.probe.name for s in statuses}
+    out: dict[str, int] = {}
+    for entry in stacks:
+        try:
+            name, period = split_stack_entry(entry)
+        except ValueError as exc:
+            raise ProgramError(str(exc)) from None
+        if name not in selected:
+            raise ProgramError(
+                f"stacks: {name!r} is not one of the selected probes; stack only probes "
+                "that are traced (add it to the probe selection)"
+            )
+        if out.get(name, period) != period:
+            raise ProgramError(f"stacks: {name} is listed with periods {out[name]} and "
+                               f"{period}; list it once")
+        out[name] = period
+    return out
 
 
 class _Gen:
@@ -262,8 +288,10 @@ class _Gen:
         stacks: frozenset[str] = frozenset(),
         stack_depth: int = DEFAULT_STACK_DEPTH,
         owner: int = 1,
+        periods: dict[str, int] | None = None,
     ) -> None:
         self.owner = owner
+        self.periods = periods or {}
         self.targets = targets
         self.attached = attached
         self.names = names
@@ -373,16 +401,28 @@ class _Gen:
     def common(self, name: str) -> list[str]:
         """Per-event bookkeeping shared by every probe: phase lookup and counters."""
         ident = probe_id(name)
-        return [
+        out = [
             "$g = @gphase[pid];" if self.guest_markers else "$g = (uint64)0;",
             "$h = @hphase[pid];",
             f"@evt[pid, tid, $g, $h, {ident}] = count();",
-            *(
-                [f"@stk[pid, $g, $h, {ident}, kstack({collected_depth(self.stack_depth)})]"
-                 " = count();"]
-                if name in self.stacks
-                else []
-            ),
+        ]
+        if name not in self.stacks:
+            return out
+        depth = collected_depth(self.stack_depth)
+        stack = f"@stk[pid, $g, $h, {ident}, kstack({depth})] = count();"
+        period = self.periods.get(name, 1)
+        if period == 1:
+            return [*out, stack]
+        # Sampled: a stack on every Nth event of this probe per CPU and VM (one
+        # counter per CPU, so no two events race on it); the counts above stay exact.
+        return [
+            *out,
+            f"$n = @scnt[pid, cpu, {ident}] + 1;",
+            f"if ($n >= {period}) {{",
+            "  $n = 0;",
+            f"  {stack}",
+            "}",
+            f"@scnt[pid, cpu, {ident}] = $n;",
         ]
 
     def probe_block(self, s: ProbeStatus) -> str:
@@ -445,6 +485,8 @@ class _Gen:
             temps.append("@t_exit")
         if 1 in self.latencies:
             temps.append("@t_pf")
+        if self.periods:
+            temps.append("@scnt")
         clears = " ".join(f"clear({m});" for m in temps)
         return f"// Per-thread scratch maps are not results.\nEND {{ {clears} }}\n"
 

@@ -33,7 +33,8 @@ const volatile __u32 target_pid[KVMT_MAX_TARGETS] = {};
 const volatile __u32 target_token[KVMT_MAX_TARGETS] = {};
 const volatile __u32 session = 0;
 const volatile __u32 owner_pid = 0;    /* host markers count only from this harness */
-const volatile __u8 stack_on[KVMT_MAX_PROBES] = {};
+/* 0: no stacks; N: a stack on every Nth event per CPU and VM (1: every event). */
+const volatile __u32 stack_period[KVMT_MAX_PROBES] = {};
 const volatile __u8 lat_exit_on = 0;   /* latency 0: kvm_exit -> kvm_entry */
 const volatile __u8 lat_pf_on = 0;     /* latency 1: kvm_page_fault -> kvm_entry */
 const volatile __u8 exit_traced = 0;   /* kvm_exit is attached: faults name their exit */
@@ -198,15 +199,15 @@ static __always_inline void percpu_add(void *map, void *key, __u64 n)
 }
 
 /* @evt[pid, tid, g, h, probe] += 1, through this CPU's slot for (VM, probe). */
-static __always_inline void count_event(struct ev *e, __u32 probe)
+static __always_inline struct kvmt_slot *count_event(struct ev *e, __u32 probe)
 {
 	__u32 idx = (__u32)e->i * KVMT_MAX_PROBES + probe;
 	struct kvmt_slot *s = bpf_map_lookup_elem(&slots, &idx);
 	if (!s)
-		return;
+		return NULL;
 	if (s->used && s->tid == e->tid && s->g == e->g && s->h == e->h) {
 		s->count += 1;
-		return;
+		return s;
 	}
 	__sync_fetch_and_add(&s->seq, 1); /* odd: being rewritten */
 	if (s->used) {
@@ -219,6 +220,7 @@ static __always_inline void count_event(struct ev *e, __u32 probe)
 	s->used = 1;
 	s->count = 1;
 	__sync_fetch_and_add(&s->seq, 1); /* even: consistent */
+	return s;
 }
 
 /* Filter, phase lookup and the one counter update every probe makes. */
@@ -232,8 +234,15 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 	e->tid = (__u32)id;
 	e->g = (__u32)vms[e->i].g;
 	e->h = (__u32)vms[e->i].h;
-	count_event(e, probe);
-	if (probe < KVMT_MAX_PROBES && stack_on[probe]) {
+	struct kvmt_slot *slot = count_event(e, probe);
+	__u32 period = probe < KVMT_MAX_PROBES ? stack_period[probe] : 0;
+	if (period && slot) {
+		/* Sampled: only every period-th event of this CPU and VM takes a stack. */
+		if (period > 1) {
+			if (++slot->since < period)
+				return 1;
+			slot->since = 0;
+		}
 		struct kvmt_stk_key sk = { e->pid, e->g, e->h, probe, 0 };
 		sk.stackid = bpf_get_stackid(ctx, &stackmap, 0);
 		percpu_inc(&stk, &sk);

@@ -34,12 +34,13 @@ struct kvmt_lat_key { __u32 pid, g, h, id, bucket; };
 struct kvmt_stk_key { __u32 pid, g, h, probe; __s32 stackid; };
 
 /* @evt's fast path: per CPU, per (VM, probe), the count of the (tid, g, h) that
- * fired last. A different key flushes the count into @evt first. ``seq`` is odd
+ * fired last (and the sampling counter of a stacked probe). A different key flushes the count into @evt first. ``seq`` is odd
  * while a flush rewrites the slot, so a reader can tell a consistent copy. */
 struct kvmt_slot {
 	__u64 seq;
 	__u32 tid, g, h, used;
 	__u64 count;
+	__u64 since;   /* sampled stacks: events since this CPU's last stack of (VM, probe) */
 };
 
 /* Per-thread scratch: the last exit (for the page fault it causes), latency starts. */

@@ -8,7 +8,7 @@
  * harness drives both backends the same way (harness/trace/runner.py).
  *
  * Usage: kvmtrace CONFIG    (CONFIG: lines "session N", "target PID TOKEN",
- *                            "probe NAME", "stack NAME", "stack_depth N",
+ *                            "probe NAME", "stack NAME [PERIOD]", "stack_depth N",
  *                            "latency ID", optional "btf PATH")
  * SIGINT/SIGTERM: print all maps once more and exit 0.
  */
@@ -41,6 +41,7 @@ struct config {
 	char probes[KVMT_MAX_PROBES][64];
 	unsigned n_probes;
 	char stacks[KVMT_MAX_PROBES][64];
+	unsigned stack_period[KVMT_MAX_PROBES];
 	unsigned n_stacks;
 	unsigned stack_depth;
 	int lat[2];
@@ -111,8 +112,13 @@ static void read_config(const char *path, struct config *c)
 				die("%s:%d: too many probes", path, lineno);
 			strcpy(c->probes[c->n_probes++], word);
 		} else if (!strcmp(key, "stack") && sscanf(arg, "%63s", word) == 1) {
+			/* "stack NAME [PERIOD]": PERIOD 1 (the default) stacks every event. */
+			int n = sscanf(arg, "%*s %u", &a);
 			if (c->n_stacks >= KVMT_MAX_PROBES)
 				die("%s:%d: too many stacks", path, lineno);
+			if (n == 1 && a < 1)
+				die("%s:%d: stack period 0; it must be 1 or more", path, lineno);
+			c->stack_period[c->n_stacks] = n == 1 ? a : 1;
 			strcpy(c->stacks[c->n_stacks++], word);
 		} else if (!strcmp(key, "stack_depth") && sscanf(arg, "%u", &a) == 1) {
 			if (a < 1 || a > KVMT_MAX_STACK_DEPTH)
@@ -581,7 +587,7 @@ int main(int argc, char **argv)
 		int id = probe_id_of(c.stacks[i]);
 		if (id < 0 || id >= KVMT_MAX_PROBES)
 			die("stack %s: unknown probe", c.stacks[i]);
-		skel->rodata->stack_on[id] = 1;
+		skel->rodata->stack_period[id] = c.stack_period[i];
 	}
 	skel->rodata->n_targets = c.n_targets;
 	for (unsigned i = 0; i < c.n_targets; i++) {
