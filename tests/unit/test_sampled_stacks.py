@@ -1,0 +1,179 @@
+"""Sampled kernel stacks: the ``name/N`` entries, both backends' programs, and the estimates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+
+from harness.analysis import callpaths
+from harness.analysis.figures import phase_figures
+from harness.spec import SpecError, load_suite
+from harness.trace import libbpf as L
+from harness.trace import probes as P
+from harness.trace.model import PhaseTrace, ProbeStacks
+from harness.trace.program import ProgramError, check_program, generate, probe_id
+from harness.trace.stacks import path_estimates, probe_stacks, wilson
+from tests.unit.test_compare import run_result
+from tests.unit.test_trace_libbpf import BUILT, lb_status
+from tests.unit.test_trace_program import T1, T2, fake_status, needs_bpftrace
+
+EMUL = ("entry", "kvm_arch_vcpu_ioctl_run", "x86_emulate_instruction")
+PIO = ("entry", "kvm_arch_vcpu_ioctl_run", "handle_io", "x86_emulate_instruction")
+
+
+def test_entries_split_into_probe_and_period() -> None:
+    assert P.split_stack_entry("kvm_emulate_insn/64") == ("kvm_emulate_insn", 64)
+    assert P.split_stack_entry("kvm_emulate_insn") == ("kvm_emulate_insn", 1)
+    for bad in ("kvm_emulate_insn/0", "kvm_emulate_insn/", "kvm_emulate_insn/x",
+                "kvm_emulate_insn/-3", f"kvm_emulate_insn/{P.MAX_STACK_PERIOD + 1}"):
+        with pytest.raises(ValueError, match=r"must be a whole number in 1\.\.1048576.*"
+                           r"kvm_emulate_insn/64"):
+            P.split_stack_entry(bad)
+
+
+def test_periods_resolve_groups_and_a_name_overrides_its_group() -> None:
+    traced = P.select(["all"])
+    got = P.stack_periods(["stacks/8", "kvm_mmu_get_page/2", "kvm_emulate_insn"], traced)
+    assert got["kvm_mmu_get_page"] == 2 and got["kvm_emulate_insn"] == 1
+    assert got["kvm_mmu_load"] == 8
+    assert P.stack_entries(["kvm_emulate_insn/64", "kvm_cpuid"]) == [
+        "kvm_cpuid", "kvm_emulate_insn/64"]
+    with pytest.raises(ValueError, match="kvm_emulate_insn is listed with periods 64 and 8"):
+        P.stack_periods(["kvm_emulate_insn/64", "kvm_emulate_insn/8"])
+
+
+def _suite(tmp_path: Path, stacks: str) -> Path:
+    suite = tmp_path / "s.toml"
+    suite.write_text(
+        'name = "s"\n[[vms]]\nname = "m"\nimage = "micro"\n'
+        '[[runs]]\nworkload = "micro-touch"\nvm = "m"\n'
+        f'[trace]\nprobes = ["all"]\nstacks = {stacks}\n'
+    )
+    return suite
+
+
+def test_suite_names_a_bad_period_and_the_fix(tmp_path: Path) -> None:
+    assert load_suite(_suite(tmp_path, '["kvm_emulate_insn/64"]')).spec.trace.stacks == [
+        "kvm_emulate_insn/64"]
+    with pytest.raises(SpecError, match=r"stacks.*'kvm_emulate_insn/0'.*kvm_emulate_insn/64"):
+        load_suite(_suite(tmp_path, '["kvm_emulate_insn/0"]'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "validate",
+         str(_suite(tmp_path, '["kvm_emulate_insn/zero"]'))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 2 and "kvm_emulate_insn/zero" in proc.stderr, proc.stderr
+
+
+def test_bpftrace_program_samples_with_a_per_cpu_counter() -> None:
+    sts = [fake_status("kvm_cpuid"), fake_status("kvm_emulate_insn"), fake_status("kvm_exit")]
+    prog = generate(sts, [T1, T2], stacks=["kvm_emulate_insn/64", "kvm_cpuid"])
+    ident = probe_id("kvm_emulate_insn")
+    body = [ln.strip() for ln in prog.text.splitlines()]
+    at = body.index(f"$n = @scnt[pid, cpu, {ident}] + 1;")
+    # The exact count comes before the sampling, unconditionally.
+    assert body[at - 1] == f"@evt[pid, tid, $g, $h, {ident}] = count();"
+    assert body[at + 1:at + 6] == [
+        "if ($n >= 64) {", "$n = 0;",
+        f"@stk[pid, $g, $h, {ident}, kstack(36)] = count();", "}",
+        f"@scnt[pid, cpu, {ident}] = $n;",
+    ]
+    # The unsampled probe stacks every event; the counters are not a result.
+    assert f"@stk[pid, $g, $h, {probe_id('kvm_cpuid')}, kstack(36)] = count();" in body
+    assert "clear(@scnt);" in prog.text
+    assert prog.stack_periods == (("kvm_emulate_insn", 64),)
+    with pytest.raises(ProgramError, match="listed with periods 64 and 8"):
+        generate(sts, [T1], stacks=["kvm_emulate_insn/64", "kvm_emulate_insn/8"])
+    with pytest.raises(ProgramError, match="whole number"):
+        generate(sts, [T1], stacks=["kvm_emulate_insn/0"])
+
+
+@needs_bpftrace
+def test_bpftrace_compiles_a_sampling_program() -> None:
+    sts = [fake_status("kvm_cpuid"), fake_status("kvm_emulate_insn"), fake_status("kvm_exit")]
+    check_program(generate(sts, [T1, T2], stacks=["kvm_emulate_insn/7", "kvm_exit/3"]).text)
+
+
+def test_libbpf_configuration_carries_the_period() -> None:
+    prog = L.generate(lb_status(), [T1], BUILT, stacks=["kvm_emulate_insn/64", "kvm_cpuid"])
+    lines = prog.text.splitlines()
+    assert "stack kvm_emulate_insn 64" in lines and "stack kvm_cpuid" in lines
+    assert prog.stack_periods == (("kvm_emulate_insn", 64),)
+    # Unsampled stacks configure as before: the same program template digest.
+    a = L.generate(lb_status(), [T1], BUILT, stacks=["kvm_cpuid"])
+    b = L.generate(lb_status(), [T1], BUILT, stacks=["kvm_cpuid/1"])
+    assert a.template_sha256 == b.template_sha256
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (997, 1000)])
+def test_wilson_interval_matches_scipy(k: int, n: int) -> None:
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson(k, n)
+    assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
+    assert wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"k=11 must be in 0\.\.n=10"):
+        wilson(11, 10)
+
+
+def test_sampled_paths_are_sample_counts_with_scaled_estimates() -> None:
+    # 640 events, period 64: 10 samples, 7 of them through handle_io.
+    got = probe_stacks({"kvm_emulate_insn": Counter({PIO: 7, EMUL: 3})},
+                       {"kvm_emulate_insn": 640}, depth=32,
+                       periods={"kvm_emulate_insn": 64})["kvm_emulate_insn"]
+    # Conservation holds exactly for the samples themselves.
+    assert (got.period, got.stacked, sum(s.count for s in got.stacks)) == (64, 10, 10)
+    assert got.paths["x86_emulate_instruction"] == 10 and got.paths["handle_io"] == 7
+    io = got.path_estimates["handle_io"]
+    lo, hi = wilson(7, 10)
+    assert (io.share, io.share_low, io.share_high) == (0.7, lo, hi)
+    assert (io.events, io.low, io.high) == pytest.approx((448, lo * 640, hi * 640))
+    whole = got.path_estimates["x86_emulate_instruction"]
+    assert whole.events == 640 and whole.high == 640 and whole.low < 640
+    exact = probe_stacks({"p": Counter({EMUL: 3})}, {"p": 3}, depth=32)["p"]
+    assert exact.period == 1 and exact.path_estimates == {}
+
+
+def _sampled_trace(pio: int, emul: int, events: int) -> PhaseTrace:
+    return PhaseTrace(
+        attribution="guest-marker", markers_seen=1, marker_ns=1,
+        events_by_probe={"kvm_emulate_insn": events}, events_total=events,
+        stacks=probe_stacks({"kvm_emulate_insn": Counter({PIO: pio, EMUL: emul})},
+                            {"kvm_emulate_insn": events}, depth=32,
+                            periods={"kvm_emulate_insn": 64}),
+    )
+
+
+def test_path_figures_of_sampled_stacks_are_estimates() -> None:
+    r = run_result("b", [1.0])
+    phase = r.runs[0].phases[0]
+    phase.trace = _sampled_trace(7, 3, 640)
+    fig = phase_figures(phase, {})
+    assert fig.values["path.kvm_emulate_insn.handle_io"] == pytest.approx(448)
+    assert fig.values["path.kvm_emulate_insn.x86_emulate_instruction"] == 640
+
+
+def test_harness_stacks_sums_samples_and_shows_the_interval() -> None:
+    r = run_result("b", [1.0, 1.0])
+    for run in r.runs:
+        run.phases[0].trace = _sampled_trace(7, 3, 640)
+    (item,) = callpaths.collect(r)
+    st = item.stacks
+    assert (st.period, st.stacked, st.events) == (64, 20, 1280)
+    assert st.path_estimates == path_estimates(st.paths, 20, 1280)
+    tree = callpaths.render_tree([item])
+    assert "sampled, a stack every 64 events per CPU: 20 stacks of 1280 events" in tree
+    lo, hi = wilson(14, 20)
+    assert f"handle_io  14 (70.0%)  ~896 [{lo * 1280:.0f}, {hi * 1280:.0f}]" in tree
+
+
+def test_result_files_without_a_period_still_load() -> None:
+    old = '{"events": 2, "stacked": 2, "truncated": 0, "depth": 8, "paths": {"a": 2}}'
+    st = ProbeStacks.model_validate_json(old)
+    assert st.period == 1 and st.path_estimates == {}
+    sampled = _sampled_trace(1, 1, 128).stacks["kvm_emulate_insn"]
+    assert ProbeStacks.model_validate_json(sampled.model_dump_json()) == sampled
