@@ -13,7 +13,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from harness.vm.windows import WindowsDomain
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -45,6 +48,13 @@ class RomBoot:
 
 
 @dataclass(frozen=True)
+class UefiBoot:
+    """OVMF UEFI with TPM and Hyper-V (a Windows guest): its XML is harness/vm/windows.py's."""
+
+    domain: WindowsDomain
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     """Everything the XML says about one VM."""
 
@@ -52,7 +62,7 @@ class DomainConfig:
     domain_type: Literal["kvm", "qemu"]  # "qemu" = TCG
     memory_mib: int
     vcpus: int
-    boot: KernelBoot | RomBoot
+    boot: KernelBoot | RomBoot | UefiBoot
     console_log: Path
     disk: Path | None = None  # qcow2 overlay, virtio-blk
     ssh_port: int | None = None  # forwarded from 127.0.0.1
@@ -82,6 +92,10 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 def domain_xml(cfg: DomainConfig) -> str:
     """The libvirt domain XML for ``cfg``, pretty-printed."""
+    if isinstance(cfg.boot, UefiBoot):
+        from harness.vm.windows import windows_domain_xml  # imports this module
+
+        return windows_domain_xml(cfg.boot.domain)
     dom = ET.Element("domain", {"type": cfg.domain_type})
     _sub(dom, "name", cfg.name)
     _sub(dom, "memory", str(cfg.memory_mib), unit="MiB")
