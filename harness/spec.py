@@ -31,12 +31,12 @@ from harness.trace.program import DEFAULT_STACK_DEPTH, MAX_STACK_DEPTH
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 MetricName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 ParamValue = str | int | float
-GuestKind = Literal["linux", "micro", "paging"]
+GuestKind = Literal["linux", "micro", "paging", "windows"]
 M = TypeVar("M", bound=BaseModel)
 
 #: Which guest kind each built-in image boots; a Windows image joins this table.
 IMAGE_GUEST_KIND: dict[str, GuestKind] = {
-    "linux": "linux", "micro": "micro", "paging": "paging"
+    "linux": "linux", "micro": "micro", "paging": "paging", "windows": "windows"
 }
 
 
@@ -349,7 +349,7 @@ class VmSpec(_Strict):
     """A guest to boot: image, size and accelerator."""
 
     name: Name
-    image: Literal["linux", "micro", "paging"] = "linux"
+    image: Literal["linux", "micro", "paging", "windows"] = "linux"
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mib: int = Field(default=1024, ge=16)
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
@@ -366,6 +366,19 @@ class VmSpec(_Strict):
     #: Host CPUs for QEMU's emulator threads (``cputune/emulatorpin``), e.g. away from the
     #: vCPUs so I/O and the tracer's wake-ups do not steal their time.
     pin_emulator: list[Annotated[int, Field(ge=0, le=4095)]] | None = None
+    #: Windows VMs: OVMF with secure boot (Microsoft keys enrolled), and RDP forwarded
+    #: to a 127.0.0.1 port next to WinRM's (harness/vm/windows.py).
+    secure_boot: bool = False
+    rdp: bool = False
+
+    @model_validator(mode="after")
+    def _windows_only(self) -> VmSpec:
+        if self.image != "windows" and (self.secure_boot or self.rdp):
+            raise ValueError(
+                f"secure_boot and rdp apply to image = \"windows\" only, not {self.image!r} "
+                "(fix: drop them from this VM)"
+            )
+        return self
 
 
 class RunSpec(_Strict):

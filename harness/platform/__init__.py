@@ -10,10 +10,11 @@ from harness.platform.base import Platform
 from harness.platform.linux import LinuxPlatform
 from harness.platform.micro import MicroPlatform
 from harness.platform.paging import PagingPlatform
+from harness.platform.windows import WindowsPlatform
 
 #: Image kind -> the platform that boots it.
 PLATFORMS: dict[str, Platform] = {
-    p.kind: p for p in (LinuxPlatform(), MicroPlatform(), PagingPlatform())
+    p.kind: p for p in (LinuxPlatform(), MicroPlatform(), PagingPlatform(), WindowsPlatform())
 }
 
 

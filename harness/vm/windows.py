@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -110,13 +110,17 @@ class WindowsDomain:
     rdp_port: int | None = None  # 127.0.0.1 port forwarded to 3389, when asked for
     secure_boot: bool = False
     tpm: bool = True
-    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    uuid: str = ""  # "": derived from the name (unique per run: it carries the run id)
     emulator: str = "/usr/bin/qemu-system-x86_64"
     vcpu_pins: tuple[int, ...] | None = None
     emulator_pins: tuple[int, ...] | None = None
     #: A directory served as a read-only FAT disk instead of ``disk`` (tests: a stand-in
     #: EFI program at EFI/BOOT/BOOTX64.EFI, since no Windows image exists on these hosts).
     standin_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.uuid:
+            object.__setattr__(self, "uuid", str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, self.name)))
 
     @property
     def loader(self) -> Path:
