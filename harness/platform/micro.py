@@ -24,7 +24,7 @@ from harness.platform.base import (
 from harness.results import PhaseResult, VmRecord, WorkloadRun
 from harness.runstate import Teardown
 from harness.spec import PhaseSpec, RunSpec, Suite, VmSpec
-from harness.trace import correlate
+from harness.trace import correlate, probes
 from harness.trace.model import PhaseTrace
 from harness.trace.parse import TraceSnapshot
 from harness.trace.program import TraceTarget
@@ -199,6 +199,7 @@ class MicroSession:
                 attached=attached,
                 stack_depth=state.stack_depth,
                 stack_offsets=state.stack_offsets,
+                stack_periods=probes.stack_periods(state.stack_probes),
                 mmu_mode=self.ctx.facts.mmu_mode,
             )
         with state.lock:

@@ -185,10 +185,13 @@ def parse_line(line: str) -> Output | None:
     if kind == "map":
         name, body = _single_map(data, kind)
         if name in STACK_MAPS and isinstance(body, dict):
-            return StackMapOutput(
-                name,
-                {parse_stack_key(k, name): _int(v, f"map @{name}") for k, v in body.items()},
-            )
+            stacks: StackMap = {}
+            for k, v in body.items():
+                # Stacks that differ only in the tracer's own frames (dropped here) are
+                # one stack: summed, not the last one kept (that lost counts).
+                sk = parse_stack_key(k, name)
+                stacks[sk] = stacks.get(sk, 0) + _int(v, f"map @{name}")
+            return StackMapOutput(name, stacks)
         if isinstance(body, dict):
             return MapOutput(
                 name,

@@ -16,6 +16,7 @@ from harness.spec import SpecError, load_suite
 from harness.trace import libbpf as L
 from harness.trace import probes as P
 from harness.trace.model import PhaseTrace, ProbeStacks
+from harness.trace.parse import StackMapOutput, parse_line
 from harness.trace.program import ProgramError, check_program, generate, probe_id
 from harness.trace.stacks import path_estimates, probe_stacks, wilson
 from tests.unit.test_compare import run_result
@@ -177,3 +178,21 @@ def test_result_files_without_a_period_still_load() -> None:
     assert st.period == 1 and st.path_estimates == {}
     sampled = _sampled_trace(1, 1, 128).stacks["kvm_emulate_insn"]
     assert ProbeStacks.model_validate_json(sampled.model_dump_json()) == sampled
+
+
+def test_stacks_differing_only_in_tracer_frames_are_summed() -> None:
+    """The tracer's own frames are dropped when parsing: two raw stacks become one.
+
+    They were a dict comprehension's two writes to one key, and the first count was
+    lost (seen: 206,502 of a phase's 787,479 emulated instructions without a stack).
+    """
+    tail = "\\n    x86_emulate_instruction+10\\n    kvm_arch_vcpu_ioctl_run+20\\n"
+    line = ('{"type": "map", "data": {"@stk": {'
+            f'"1,2,0,8,\\n    bpf_prog_abc_tp_kvm_emulate_insn+1{tail}": 5, '
+            f'"1,2,0,8,\\n    bpf_prog_abc_tp_kvm_emulate_insn+9{tail}": 7, '
+            '"1,2,0,8,": 1}}}')
+    out = parse_line(line)
+    assert out == StackMapOutput("stk", {
+        ((1, 2, 0, 8), ("x86_emulate_instruction+10", "kvm_arch_vcpu_ioctl_run+20")): 12,
+        ((1, 2, 0, 8), ()): 1,
+    })

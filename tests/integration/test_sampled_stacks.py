@@ -1,0 +1,122 @@
+"""Sampled kernel stacks on the real micro KVM guest, both backends, against known answers.
+
+Every emulated instruction of the micro guest passes through x86_emulate_instruction,
+and micro.asm fixes how many there are per phase (harness/image/micro.py). A stack on
+every Nth event per CPU makes, in a phase of n events, floor or ceil of n_c/N samples
+on each CPU c the vCPU ran on (the per-CPU counter carries over between phases).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.image.micro import MicroPhase, expected_emulated_insns
+from harness.paths import SUITES_DIR
+from harness.results import RunResult, load
+from harness.spec import load_suite
+from harness.trace.stacks import wilson
+
+pytestmark = pytest.mark.integration
+
+#: Prime, so that no loop of the guest's has a period that divides it.
+PERIOD = 61
+PROBE = "kvm_emulate_insn"
+
+
+def _run(out: Path, stacks: str, tracer: str) -> tuple[Path, RunResult]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(SUITES_DIR / "micro-kvm.toml"),
+         "--stacks", stacks, "--tracer", tracer, "--results-dir", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("*.json")
+    return path, load(path)
+
+
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    return _run(tmp_path_factory.mktemp("exact"), PROBE, "libbpf")[1]
+
+
+@pytest.fixture(scope="module", params=["libbpf", "bpftrace"])
+def sampled_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, RunResult]:
+    return _run(tmp_path_factory.mktemp(f"sampled-{request.param}"),
+                f"{PROBE}/{PERIOD},kvm_cpuid", str(request.param))
+
+
+def _expected() -> dict[str, int]:
+    workload = load_suite(SUITES_DIR / "micro-kvm.toml").workloads["micro-touch"]
+    costs = expected_emulated_insns(
+        [MicroPhase(s.name, s.pages or 0, s.repeat) for s in workload.phases]
+    )
+    return {s.name: costs[k] for k, s in enumerate(workload.phases, start=1)}
+
+
+def test_counts_stay_exact_and_samples_are_every_nth_event(
+    sampled_run: tuple[Path, RunResult],
+) -> None:
+    _, result = sampled_run
+    expected = _expected()
+    cpus = os.cpu_count() or 1
+    for run in result.runs:
+        for phase in run.phases:
+            assert phase.trace is not None
+            st = phase.trace.stacks[PROBE]
+            n = expected[phase.name]
+            assert st.events == phase.trace.events_by_probe[PROBE] == n, phase.name
+            assert st.period == PERIOD
+            # Sum over CPUs of floor/ceil(n_c / N): within C * (N - 1) / N of n / N.
+            assert abs(st.stacked * PERIOD - n) <= cpus * (PERIOD - 1), (phase.name, st.stacked)
+            # Conservation holds exactly for the samples themselves.
+            assert sum(s.count for s in st.stacks) == st.stacked
+            assert st.paths["kvm_arch_vcpu_ioctl_run"] == st.stacked
+            # All through the emulator: the estimate is the phase's known work, exactly.
+            est = st.path_estimates["x86_emulate_instruction"]
+            assert est.events == n and est.low < n == est.high
+            # The unsampled probe still has every event's stack.
+            cpuid = phase.trace.stacks["kvm_cpuid"]
+            assert cpuid.period == 1 and cpuid.stacked == cpuid.events == 1
+            assert cpuid.path_estimates == {}
+
+
+def test_every_path_share_is_within_its_interval_of_the_exact_share(
+    sampled_run: tuple[Path, RunResult], exact_run: RunResult
+) -> None:
+    _, result = sampled_run
+    exact = {
+        (r.repetition, p.name): p.trace.stacks[PROBE]
+        for r in exact_run.runs for p in r.phases if p.trace is not None
+    }
+    checked = 0
+    for run in result.runs:
+        for phase in run.phases:
+            assert phase.trace is not None
+            st = phase.trace.stacks[PROBE]
+            ex = exact[(run.repetition, phase.name)]
+            assert ex.period == 1 and ex.stacked == ex.events
+            for fn in set(ex.paths) | set(st.paths):
+                truth = ex.paths.get(fn, 0) / ex.events
+                lo, hi = wilson(st.paths.get(fn, 0), st.stacked)
+                assert lo <= truth <= hi, (phase.name, fn, truth, lo, hi)
+                checked += 1
+    assert checked > 20
+
+
+def test_harness_stacks_shows_the_estimates(sampled_run: tuple[Path, RunResult]) -> None:
+    path, _ = sampled_run
+    tree = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "stacks", str(path), "--phase", "touch-16",
+         "--probe", PROBE],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    n = 2 * _expected()["touch-16"]  # two repetitions, summed
+    assert f"sampled, a stack every {PERIOD} events per CPU" in tree
+    assert "x86_emulate_instruction  " in tree and f"(100.0%)  ~{n} [" in tree
