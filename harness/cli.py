@@ -323,12 +323,30 @@ def image() -> None:
 
 
 @image.command("build")
-@click.argument("name", type=click.Choice(["linux"]))
+@click.argument("name", type=click.Choice(["linux", "windows"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the recipe has not changed.")
-def image_build(name: str, force: bool) -> None:
-    """Build the NAME image (cached, keyed by a digest of its recipe)."""
+@click.option("--iso", type=click.Path(path_type=Path), help="windows: the Windows ISO.")
+@click.option("--virtio-iso", type=click.Path(path_type=Path),
+              help="windows: the virtio-win drivers ISO.")
+@click.option("--edition", default="Windows 11 Pro", show_default=True,
+              help="windows: the image name inside the ISO's install.wim.")
+@click.option("--iso-sha256", help="windows: the Windows ISO's expected sha256.")
+def image_build(
+    name: str, force: bool, iso: Path | None, virtio_iso: Path | None, edition: str,
+    iso_sha256: str | None,
+) -> None:
+    """Build the NAME image (cached, keyed by a digest of its recipe).
+
+    windows: the administrator password comes from $HARNESS_WINDOWS_PASSWORD or
+    the file named by $HARNESS_WINDOWS_PASSWORD_FILE, never an option
+    (docs/WINDOWS.md).
+    """
     from harness.image.linux import build_linux_image
     from harness.run import RunInterrupted, signals_raise
+
+    if name == "windows":
+        _build_windows(iso, virtio_iso, edition, iso_sha256, force)
+        return
 
     try:
         # SIGTERM too unwinds the build: its staging directory and commands go with it.
@@ -338,6 +356,24 @@ def image_build(name: str, force: bool) -> None:
         click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
         sys.exit(128 + exc.signum)
     click.echo(f"{img.name} {img.digest[:12]} {img.directory}")
+
+
+def _build_windows(
+    iso: Path | None, virtio_iso: Path | None, edition: str, iso_sha256: str | None, force: bool
+) -> None:
+    """`harness image build windows`: bad input exits 2 before anything boots."""
+    from harness.image.windows import WindowsImageError
+    from harness.image.windows_build import build_windows_image, check_inputs, run_installer
+
+    try:
+        inputs = check_inputs(iso, virtio_iso, edition, iso_sha256=iso_sha256)
+    except WindowsImageError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    img = build_windows_image(
+        inputs, run_installer, progress=lambda s: click.echo(s, err=True), force=force
+    )
+    click.echo(f"windows {img.digest[:12]} {img.directory}")
 
 
 @main.group()

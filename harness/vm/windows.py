@@ -117,6 +117,8 @@ class WindowsDomain:
     #: A directory served as a read-only FAT disk instead of ``disk`` (tests: a stand-in
     #: EFI program at EFI/BOOT/BOOTX64.EFI, since no Windows image exists on these hosts).
     standin_dir: Path | None = None
+    #: Read-only CDs (SATA), in order: the image build's Windows ISO, virtio-win, answers.
+    cdroms: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.uuid:
@@ -173,6 +175,8 @@ def windows_domain_xml(cfg: WindowsDomain) -> str:
     )
     _sub(os_el, "nvram", str(cfg.nvram), template=str(cfg.nvram_template))
     _sub(os_el, "boot", dev="hd")
+    if cfg.cdroms:
+        _sub(os_el, "boot", dev="cdrom")  # the empty disk falls through to the installer
 
     features = _sub(dom, "features")
     _sub(features, "acpi")
@@ -218,6 +222,12 @@ def windows_domain_xml(cfg: WindowsDomain) -> str:
         _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         _sub(disk, "source", file=str(cfg.disk))
         _sub(disk, "target", dev="vda", bus="virtio")
+    for i, iso in enumerate(cfg.cdroms):
+        cd = _sub(devices, "disk", type="file", device="cdrom")
+        _sub(cd, "driver", name="qemu", type="raw")
+        _sub(cd, "source", file=str(iso))
+        _sub(cd, "target", dev=f"sd{chr(ord('a') + i)}", bus="sata")
+        _sub(cd, "readonly")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(cfg.console_log))
     _sub(serial, "target", port="0")
