@@ -44,6 +44,7 @@ from harness.trace import correlate, probes
 from harness.trace.model import PhaseTrace
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
+from harness.trace.stacks import wilson
 from tests.bench.peer_tracefs import TracefsRecorder
 from tests.conftest import host_difference_skip, host_mmu_mode
 from tests.integration.conftest import make_backend, vm_workdir
@@ -63,6 +64,12 @@ STACKED = {
     "stacks-rare": ["kvm_cpuid", "kvm_mmu_get_page"],
     "stacks-hot": ["kvm_emulate_insn"],
 }
+#: Sampling periods of the sampled-stacks modes (primes: no guest loop divides them).
+SAMPLED_PERIODS = (61, 997)
+#: Exact stacks the sampled modes' path shares are checked against (the same guest).
+EXACT_STACKS_MODE = "libbpf-stacks-hot"
+#: Per case: kvm_emulate_insn's paths per round, function -> (stacks through it, stacks).
+PATHS: dict[str, list[dict[str, tuple[int, int]]]] = {}
 #: Work time (ns) per mode, filled as the tests run, compared by the last one.
 WORK_NS: dict[str, list[int]] = {}
 EVENTS: dict[str, list[int]] = {}
@@ -89,6 +96,9 @@ MODES: dict[str, tuple[str, list[str], list[str], bool]] = {
     "stacks-rare": ("bpftrace", ["default"], STACKED["stacks-rare"], False),
     "stacks-hot": ("bpftrace", ["all"], STACKED["stacks-hot"], False),
     "libbpf-stacks-hot": ("libbpf", ["all"], STACKED["stacks-hot"], False),
+    # Sampled stacks (issue 21): a stack on every Nth kvm_emulate_insn per CPU.
+    **{f"{b}-stacks-hot-{n}": (b, ["all"], [f"kvm_emulate_insn/{n}"], False)
+       for b in ("libbpf", "bpftrace") for n in SAMPLED_PERIODS},
     "tracefs-peer": ("bpftrace", ["markers"], [], True),
 }
 #: (mode, CPU QEMU is pinned to or None); "untraced" first for each CPU: the others
@@ -134,12 +144,48 @@ def run_micro(workdir: Path, mode: str, n: int, cpu: int | None = None) -> None:
         if "kvm_emulate_insn" in {s.probe.name for s in tracer.program.attached}:
             emulated = sum(t.emulated_insns for t in traces.values())
             EMULATED.setdefault(case_id(mode, cpu), []).append(emulated)
+        if stacked:
+            PATHS.setdefault(case_id(mode, cpu), []).append(round_paths(traces))
     first, last = traces[1].marker_ns, traces[0].marker_ns
     assert first is not None and last is not None, "markers missing"
     key = case_id(mode, cpu)
     WORK_NS.setdefault(key, []).append(last - first)
     EVENTS.setdefault(key, []).append(events)
     CPU_NS.setdefault(key, []).append(int((usage.ru_utime + usage.ru_stime) * 1e9))
+
+
+def round_paths(traces: dict[int, PhaseTrace]) -> dict[str, tuple[int, int]]:
+    """kvm_emulate_insn's stacks over the guest's phases: function -> (through it, all)."""
+    through: dict[str, int] = {}
+    total = 0
+    for t in traces.values():
+        st = t.stacks.get("kvm_emulate_insn")
+        if st is None:
+            continue
+        total += st.stacked
+        for fn, k in st.paths.items():
+            through[fn] = through.get(fn, 0) + k
+    return {fn: (k, total) for fn, k in through.items()}
+
+
+def path_share_errors(mode: str) -> dict[str, float | bool]:
+    """A sampled mode's path shares against the exact stacks of the same guest.
+
+    Per function, the largest |sampled share - exact share| over the rounds, and
+    whether every exact share lies in the sampled share's 95% Wilson interval.
+    """
+    exact = PATHS[EXACT_STACKS_MODE][0]
+    worst, inside = 0.0, True
+    for sampled in PATHS[mode]:
+        n = next(iter(sampled.values()))[1] if sampled else 0
+        for fn in set(exact) | set(sampled):
+            k_e, n_e = exact.get(fn, (0, 1))
+            k = sampled.get(fn, (0, n))[0]
+            truth = k_e / n_e
+            lo, hi = wilson(k, n)
+            worst = max(worst, abs(k / n - truth) if n else 1.0)
+            inside = inside and lo <= truth <= hi
+    return {"path_share_max_error": worst, "path_shares_within_95ci": inside}
 
 
 def case_id(mode: str, cpu: int | None) -> str:
@@ -176,6 +222,12 @@ def measure(benchmark: BenchmarkFixture, workdir: Path, mode: str, cpu: int | No
     per_event = (statistics.median(work) - base) / n if n else 0.0
     cpu_per_event = (statistics.median(cpu_ns) - base_cpu) / n if n else 0.0
     benchmark.extra_info["slowdown"] = ratio
+    if "/" in "".join(MODES[mode][2]) and EXACT_STACKS_MODE in PATHS:
+        benchmark.extra_info.update(path_share_errors(key))
+        benchmark.extra_info["stacks_median"] = statistics.median(
+            next(iter(p.values()))[1] if p else 0 for p in PATHS[key])
+        exact_work = statistics.median(WORK_NS[EXACT_STACKS_MODE])
+        benchmark.extra_info["speedup_over_exact_stacks"] = exact_work / statistics.median(work)
     benchmark.extra_info["ns_per_event"] = per_event
     benchmark.extra_info["cpu_slowdown"] = cpu_ratio
     benchmark.extra_info["cpu_ns_per_event"] = cpu_per_event
@@ -200,3 +252,6 @@ def test_tracer_overhead(
         # Every instruction the guest ran, from reset to its exit, in every round.
         whole_run = sum(expected_emulated_insns(PHASES).values())
         assert EMULATED[case_id(mode, cpu)] == [whole_run] * ROUNDS
+    if "path_shares_within_95ci" in benchmark.extra_info:
+        # Sampled stacks: every path share within its stated interval of the exact one.
+        assert benchmark.extra_info["path_shares_within_95ci"], benchmark.extra_info
