@@ -147,16 +147,19 @@ params = { mib = 65536 }
     assert_cleaned_up(data["run_id"])
 
 
+#: No warm-up runs: the tests below find "the second workload" as the second run.
 PAGE_TOUCH_THEN_LONG_STRESS = """\
 [[runs]]
 workload = "page-touch"
 vm = "linux"
 params = { mib = 32 }
+warmup = 0
 
 [[runs]]
 workload = "stress-ng-vm"
 vm = "linux"
 params = { bytes = "64M", seconds = 120 }
+warmup = 0
 """
 
 
@@ -288,11 +291,13 @@ def test_tracer_death_is_reported_and_the_workload_goes_on(
 workload = "page-touch"
 vm = "linux"
 params = { mib = 16 }
+warmup = 0
 
 [[runs]]
 workload = "stress-ng-vm"
 vm = "linux"
 params = { bytes = "32M", seconds = 6 }
+warmup = 0
 """,
     )
     results = tmp_path / "results"
