@@ -175,11 +175,13 @@ class WsmanDouble:
         password: str = "double-password-1",
         auth: str = "ntlm",
         translate: Translate | None = None,
+        port: int = 0,
+        cert: Cert | None = None,
     ) -> None:
         self.workdir = workdir
         self.root = workdir / "guest-fs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.cert = make_cert(workdir)
+        self.cert = cert or make_cert(workdir)
         self.username, self.password, self.auth = username, password, auth
         self.translate = translate
         self.requests: list[Request] = []
@@ -193,7 +195,7 @@ class WsmanDouble:
         self._lock = threading.Lock()
         self.user_file = workdir / "ntlm-users"
         self.user_file.write_text(f":{username}:{password}\n")
-        self._server = _Server(("127.0.0.1", 0), _Handler, self)
+        self._server = _Server(("127.0.0.1", port), _Handler, self)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.cert.cert_pem, self.cert.key_pem)
         self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,8 +172,6 @@ def test_wrong_certificate_is_refused_before_credentials(
 
 def test_unreachable_port_says_so_by_the_deadline(tmp_path: Path) -> None:
     cert = make_cert(tmp_path)
-    import socket
-
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -180,6 +180,31 @@ def test_unreachable_port_says_so_by_the_deadline(tmp_path: Path) -> None:
         WinrmGuest.connect(t, time.monotonic() + 1.5)
     assert "did not answer" in str(info.value) and "5986" in str(info.value)
     assert "pw-unreachable" not in str(info.value)
+
+
+def test_listener_coming_up_late_is_retried(tmp_path: Path) -> None:
+    """Connection refused while the guest boots is transient: retried until it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cert = make_cert(tmp_path, "late")
+    started: list[WsmanDouble] = []
+
+    def come_up() -> None:
+        started.append(WsmanDouble(tmp_path, port=port, cert=cert).__enter__())
+
+    t = WinrmTarget("127.0.0.1", port, "Administrator", Secret("double-password-1"), cert.sha256)
+    timer = threading.Timer(1.0, come_up)
+    timer.start()
+    try:
+        g = WinrmGuest.connect(t, time.monotonic() + 30)
+        assert g.run("echo up", timeout_s=20).stdout == "up\n"
+        g.close()
+    finally:
+        timer.join()
+        for d in started:
+            d.close()
+    assert started and started[0].auth_attempts >= 1
 
 
 def test_put_get_round_trip(double: WsmanDouble, guest: WinrmGuest, tmp_path: Path) -> None:
