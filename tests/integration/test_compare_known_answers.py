@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness.results import load
+from tests.conftest import host_difference_skip
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,8 @@ def run_once(out: Path) -> Path:
 def hog() -> Iterator[subprocess.Popen[bytes]]:
     """A busy loop pinned to CPU 1, where the suite pins the guest's vCPU."""
     if (os.cpu_count() or 1) < 2:
-        pytest.skip("needs two CPUs: the guest's and the hog's are pinned apart from QEMU's")
+        host_difference_skip("needs two CPUs: the guest's and the hog's are pinned apart "
+                             "from QEMU's")
     proc = subprocess.Popen(["taskset", "-c", "1", "sh", "-c", "while :; do :; done"])
     try:
         yield proc

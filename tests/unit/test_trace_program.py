@@ -18,6 +18,7 @@ from harness.trace.program import (
     generate,
     stderr_filter,
 )
+from tests.conftest import prerequisite_missing
 
 T1 = TraceTarget("vm-a", 1111, 7)
 T2 = TraceTarget("vm-b", 2222, 0xFFFF)
@@ -139,7 +140,8 @@ needs_bpftrace = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def host_statuses() -> list[P.ProbeStatus]:
     if not Path("/sys/kernel/tracing/events").is_dir():
-        pytest.skip("tracefs not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+        prerequisite_missing("tracefs not mounted: mount -t tracefs nodev /sys/kernel/tracing "
+                             "(harness doctor --fix mounts it)")
     return P.availability(P.CATALOGUE)
 
 

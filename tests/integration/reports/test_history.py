@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from harness.history import store
+from tests.conftest import prerequisite_missing
 from tests.integration.reports.history_files import derive
 from tests.integration.reports.pg_server import fresh_database, pg_bin, postgres_server
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     if pg_bin() is None:
-        pytest.skip("needs Debian's postgresql (bootstrap installs it)")
+        prerequisite_missing("needs Debian's postgresql (bootstrap installs it)")
     with postgres_server() as url:
         yield url
 
