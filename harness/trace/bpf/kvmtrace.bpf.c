@@ -39,6 +39,11 @@ const volatile __u8 lat_exit_on = 0;   /* latency 0: kvm_exit -> kvm_entry */
 const volatile __u8 lat_pf_on = 0;     /* latency 1: kvm_page_fault -> kvm_entry */
 const volatile __u8 exit_traced = 0;   /* kvm_exit is attached: faults name their exit */
 const volatile __u8 pf_vcpu_arg = 1;   /* kvm_page_fault's raw args start with the vCPU (5.16+) */
+/* Benchmarks only (tests/bench/test_tracer_floor.py): 0 runs the whole program;
+ * N stops every event after part N of begin() (1: attach alone, 2: + pid filter,
+ * 3: + phase lookup, 4: + the per-CPU counter), so each part's cost can be
+ * measured. Constant at load, so the verifier removes the parts not run. */
+const volatile __u8 bench_stage = 0;
 
 struct kvmt_vmstate vms[KVMT_MAX_TARGETS] = {};
 
@@ -226,15 +231,28 @@ static __always_inline struct kvmt_slot *count_event(struct ev *e, __u32 probe)
 /* Filter, phase lookup and the one counter update every probe makes. */
 static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 {
+	if (bench_stage == 1)
+		return 0;
 	__u64 id = bpf_get_current_pid_tgid();
 	e->pid = id >> 32;
 	e->i = target_of_pid(e->pid);
 	if (e->i < 0 || e->i >= KVMT_MAX_TARGETS)
 		return 0;
+	if (bench_stage == 2)
+		return 0;
 	e->tid = (__u32)id;
 	e->g = (__u32)vms[e->i].g;
 	e->h = (__u32)vms[e->i].h;
+	if (bench_stage == 3) {
+		/* Keep the loads the benchmark measures: nothing else uses them here. */
+		__u32 g = e->g, h = e->h;
+		barrier_var(g);
+		barrier_var(h);
+		return 0;
+	}
 	struct kvmt_slot *slot = count_event(e, probe);
+	if (bench_stage == 4)
+		return 0;
 	__u32 period = probe < KVMT_MAX_PROBES ? stack_period[probe] : 0;
 	if (period && slot) {
 		/* Sampled: only every period-th event of this CPU and VM takes a stack. */

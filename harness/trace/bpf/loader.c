@@ -45,6 +45,7 @@ struct config {
 	unsigned n_stacks;
 	unsigned stack_depth;
 	int lat[2];
+	unsigned bench_stage; /* benchmarks only: see kvmtrace.bpf.c */
 	char btf[4096];
 };
 
@@ -125,6 +126,8 @@ static void read_config(const char *path, struct config *c)
 				die("%s:%d: stack_depth %u not in 1..%d", path, lineno, a,
 				    KVMT_MAX_STACK_DEPTH);
 			c->stack_depth = a;
+		} else if (!strcmp(key, "bench_stage") && sscanf(arg, "%u", &a) == 1 && a <= 4) {
+			c->bench_stage = a;
 		} else if (!strcmp(key, "latency") && sscanf(arg, "%u", &a) == 1 && a < 2) {
 			c->lat[a] = 1;
 		} else if (!strcmp(key, "btf") && arg[0]) {
@@ -598,6 +601,7 @@ int main(int argc, char **argv)
 	skel->rodata->owner_pid = c.owner;
 	skel->rodata->lat_exit_on = c.lat[0];
 	skel->rodata->lat_pf_on = c.lat[1];
+	skel->rodata->bench_stage = c.bench_stage;
 	{
 		struct btf *vmlinux = c.btf[0] ? btf__parse(c.btf, NULL) : btf__load_vmlinux_btf();
 		int n = vmlinux ? raw_tp_args(vmlinux, "kvm_page_fault") : -1;
