@@ -188,6 +188,7 @@ class WsmanDouble:
         self.responses: list[tuple[str, ET.Element]] = []  # (action, response envelope)
         self.auth_attempts = 0
         self.drop_on_receive: int | None = None
+        self.stall_receives = 0  # this many Receives are answered never (a stalled link)
         self.shells: dict[str, _Shell] = {}
         self.signals: list[tuple[str, str]] = []  # (command id, code)
         self.deleted: list[str] = []
@@ -335,6 +336,9 @@ class WsmanDouble:
         cmd.receives += 1
         if self.drop_on_receive is not None and cmd.receives >= self.drop_on_receive:
             raise _Drop()
+        if self.stall_receives > 0:
+            self.stall_receives -= 1
+            raise _Stall()
         got: list[tuple[str, bytes]] = []
         size = 0
         try:
@@ -392,6 +396,10 @@ class _TimedOut(Exception):
 
 
 class _Drop(Exception):
+    pass
+
+
+class _Stall(Exception):
     pass
 
 
@@ -487,6 +495,12 @@ class _Handler(BaseHTTPRequestHandler):
         except _Drop:
             self.close_connection = True
             self.connection.shutdown(2)
+            return
+        except _Stall:  # hold the connection, answer nothing, until the client gives up
+            self.close_connection = True
+            self.connection.settimeout(60)
+            with contextlib.suppress(OSError):
+                self.rfile.read(1)
             return
         self._reply(status, ET.tostring(env, encoding="utf-8"))
 

@@ -30,6 +30,7 @@ import binascii
 import logging
 import re
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,11 +321,15 @@ class WinrmGuest:
                 watch.check(out, err)
                 wait = max(1, min(RECEIVE_WAIT_S, int(watch.remaining_s()) or 1))
                 try:
-                    state, rc, buffers = shell.receive(command_id=command_id, timeout=wait)
+                    state, rc, buffers = _receive(shell, command_id, wait)
                 except WSManFaultError as exc:
                     if exc.code == OPERATION_TIMED_OUT:
                         continue
                     raise _translate(exc, self.target, "receiving output") from None
+                except requests.ReadTimeout:
+                    # No answer within OperationTimeout + 2 s: ask again (a Receive may be
+                    # repeated), the deadline checked first; never pypsrp's own backoff.
+                    continue
                 except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
                     raise GuestLost(
                         "WinRM connection dropped while a command ran; its outcome is unknown: "
@@ -490,6 +495,44 @@ def _ps_with_path(script: str, path: str) -> str:
             "(fix: use a plain Windows path)"
         )
     return f'cmd /C "set KVMH_PATH={path}& {_powershell(script)}"'
+
+
+def _receive(
+    shell: WinRS, command_id: str, timeout_s: int
+) -> tuple[str, int | None, dict[str, bytes]]:
+    """One Receive (MS-WSMV 3.1.4.14): (CommandState, exit code once Done, bytes per stream).
+
+    pypsrp's WinRS.receive retries a read timeout five times with growing
+    sleeps, past any deadline; this sends one request and leaves retrying to
+    the caller's loop, which asks the command's deadline first.
+    """
+    from pypsrp.wsman import NAMESPACES, OptionSet, WSManAction
+
+    rsp = NAMESPACES["rsp"]
+    receive = ET.Element(f"{{{rsp}}}Receive")
+    ET.SubElement(receive, f"{{{rsp}}}DesiredStream", CommandId=command_id).text = (
+        "stdout stderr"
+    )
+    options = OptionSet()
+    options.add_option("WSMAN_CMDSHELL_OPTION_KEEPALIVE", "True")
+    response = shell.wsman.invoke(
+        WSManAction.RECEIVE, shell.resource_uri, receive, options,
+        shell._selector_set, timeout_s,
+    )
+    body = response.find("s:Body/rsp:ReceiveResponse", NAMESPACES)
+    state, rc, buffers = CommandState.PENDING, None, {"stdout": b"", "stderr": b""}
+    if body is None:
+        return state, rc, buffers
+    node = body.find("rsp:CommandState", NAMESPACES)
+    if node is not None:
+        state = node.attrib.get("State", state)
+        code = node.find("rsp:ExitCode", NAMESPACES)
+        rc = int(code.text or "0") if code is not None else None
+    for stream in body.findall("rsp:Stream", NAMESPACES):
+        name = stream.attrib.get("Name", "")
+        if stream.text and name in buffers:
+            buffers[name] += base64.b64decode(stream.text)
+    return state, rc, buffers
 
 
 def _command_id(response: Any) -> str:

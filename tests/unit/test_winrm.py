@@ -150,6 +150,20 @@ def test_connection_dropped_mid_command(double: WsmanDouble, guest: WinrmGuest) 
     assert not alive(double.pids[-1])
 
 
+def test_stalled_receive_still_times_out_on_its_deadline(
+    double: WsmanDouble, guest: WinrmGuest
+) -> None:
+    """A Receive never answered is a read timeout: retried inside the deadline, then the
+    command's GuestTimeout (pypsrp's own retries would sleep far past it, then GuestLost)."""
+    double.stall_receives = 10
+    with pytest.raises(GuestTimeout):
+        guest.run("exec sleep 300", timeout_s=3)
+    assert double.stall_receives >= 8  # one or two stalled Receives, not pypsrp's six
+    double.stall_receives = 0
+    assert double.signals and double.signals[-1][1] == wd.SIGNAL_TERMINATE
+    assert not alive(double.pids[-1])
+
+
 def test_wrong_credentials_clear_error_no_retry_storm(double: WsmanDouble) -> None:
     t = target(double, password="not-the-password-42")
     with pytest.raises(CredentialsRefused) as info:
