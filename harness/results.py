@@ -282,13 +282,19 @@ def json_depth_problem(text: str, limit: int = MAX_JSON_DEPTH) -> str | None:
 
 
 def non_finite(data: object) -> list[tuple[tuple[str | int, ...], float]]:
-    """Every NaN or infinite number in parsed JSON ``data``, with its path (iterative)."""
+    """Every NaN or infinite number in parsed JSON ``data``, with its path (iterative).
+
+    An integer of more than 64 bits counts as infinite: no counter holds one, and as a
+    float (figures, compare) it overflows.
+    """
     found: list[tuple[tuple[str | int, ...], float]] = []
     todo: list[tuple[tuple[str | int, ...], object]] = [((), data)]
     while todo:
         loc, value = todo.pop()
         if isinstance(value, float) and not math.isfinite(value):
             found.append((loc, value))
+        elif isinstance(value, int) and abs(value) >= 1 << 64:
+            found.append((loc, -math.inf if value < 0 else math.inf))
         elif isinstance(value, dict):
             todo.extend(((*loc, str(k)), v) for k, v in value.items())
         elif isinstance(value, list):
