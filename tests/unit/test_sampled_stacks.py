@@ -196,3 +196,14 @@ def test_stacks_differing_only_in_tracer_frames_are_summed() -> None:
         ((1, 2, 0, 8), ("x86_emulate_instruction+10", "kvm_arch_vcpu_ioctl_run+20")): 12,
         ((1, 2, 0, 8), ()): 1,
     })
+
+
+def test_run_refuses_a_bad_period_before_booting(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", str(_suite(tmp_path, "[]")),
+         "--stacks", "kvm_emulate_insn/64,kvm_cpuid/0", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--stacks" in proc.stderr and "'kvm_cpuid/0'" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.json"))
