@@ -20,6 +20,12 @@ cost nothing measurable; every probe on costs 1.10-1.13x through libbpf
 1.03x) against 1.6-2.05x through bpftrace 0.17 (its tracepoint: programs
 return 1, so every event also goes through a perf event bound to CPU 0) and
 about 1.45x for the tracefs peer.
+
+Sampled stacks (``-stacks-hot-N``, a stack on every Nth kvm_emulate_insn per CPU)
+are checked against the exact stacks of ``libbpf-stacks-hot``: every path share
+within its 95% interval, its largest error in extra_info. One run here (a loaded
+host: libbpf-all itself 1.34x): libbpf exact stacks 5.24x, N=61 1.52x, N=997
+1.32x (as cheap as no stacks); bpftrace N=61 2.57x, N=997 3.41x.
 """
 
 from __future__ import annotations
