@@ -41,7 +41,7 @@ name = "win"
 image = "windows"
 memory_mib = 512
 accelerator = "tcg"
-boot_timeout_s = 20
+boot_timeout_s = 10
 [[runs]]
 workload = "page-touch-win"
 vm = "win"
@@ -78,7 +78,7 @@ def test_windows_run_without_windows_says_so_and_leaves_nothing(tmp_path: Path) 
         r = harness_run(suite, results, {"HARNESS_CACHE": str(cache), PASSWORD_ENV: PASSWORD})
         out = r.stdout + r.stderr
         assert r.returncode != 0, out
-        assert "did not answer WinRM within 20 s" in out and PASSWORD not in out
+        assert "did not answer WinRM within 10 s" in out and PASSWORD not in out
         (result_file,) = results.glob("*.json")
         text = result_file.read_text()
         assert PASSWORD not in text
