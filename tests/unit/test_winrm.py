@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.guest.base import GuestLost, GuestTimeout
+from harness.guest.base import GuestGone, GuestLost, GuestTimeout
 from harness.guest.output import HEAD_CAP, TAIL_CAP
 from harness.guest.winrm import (
     CertificateMismatch,
@@ -117,6 +117,21 @@ def test_timeout_ends_the_remote_process(double: WsmanDouble, guest: WinrmGuest)
     pid = double.pids[-1]
     assert not alive(pid), "the timed-out command still runs in the guest"
     assert double.signals and double.signals[-1][1] == wd.SIGNAL_TERMINATE
+    assert double.actions()[-2:] == ["Signal", "Delete"]
+
+
+def test_guest_gone_mid_command_is_reported_and_the_command_ended(
+    double: WsmanDouble, guest: WinrmGuest
+) -> None:
+    asked: list[int] = []
+
+    def gone() -> str | None:
+        asked.append(1)
+        return "domain kvmh-x-win is gone (test)"
+
+    with pytest.raises(GuestGone, match="is gone"):
+        guest.run("exec sleep 300", timeout_s=60, abort_if=gone)
+    assert asked and not alive(double.pids[-1])
     assert double.actions()[-2:] == ["Signal", "Delete"]
 
 
