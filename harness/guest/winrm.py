@@ -57,8 +57,10 @@ from harness.guest.output import BoundedOutput, CommandWatch, dropped_note
 
 log = logging.getLogger(__name__)
 
-#: Where the image installs the marker tool (vm-images/windows installs it there).
+#: Where the image installs the marker tool and the phase runner beside it
+#: (workloads/guest-tools/kvm-phase-win.c), from vm-images/windows/setup-winrm.ps1.
 MARKER_TOOL = r"C:\kvm-harness\kvm-marker.exe"
+PHASE_TOOL = r"C:\kvm-harness\kvm-phase.exe"
 
 #: MS-WSMV 3.1.4.14: a Receive whose OperationTimeout expired with nothing to say
 #: comes back as this WS-Man fault code (w:TimedOut): not an error, just no output yet.
@@ -377,17 +379,16 @@ class WinrmGuest:
     # -- phases ---------------------------------------------------------------
 
     def phase_command(self, command: str, token: int, phase: int) -> str:
-        """``command`` in cmd.exe, bracketed by kvm-marker calls, exiting with its status.
+        """``command`` run by ``kvm-phase.exe``: marker, ``cmd.exe /d /c command``, marker 0.
 
-        The ``KVMH_PHASE`` tag names the phase in cmd.exe's command line, which
-        is how ``kill_phase`` finds the phase's process tree.
+        The command travels base64-encoded, so no cmd.exe on the way (WinRS runs
+        every command line through one) interprets any of it, and the closing
+        marker runs whatever the command does (``exit /b 3`` included); the exit
+        status is the command's. The tag names the phase in kvm-phase.exe's command
+        line: ``kill_phase`` finds the phase's process tree by it.
         """
-        tag = _phase_tag(token, phase)
-        return (
-            f'cmd /V:ON /C "set KVMH_PHASE={tag}& {MARKER_TOOL} {token} {phase}'
-            f" & ({command}) & set KVMH_RC=!ERRORLEVEL!"
-            f' & {MARKER_TOOL} {token} 0 & exit !KVMH_RC!"'
-        )
+        encoded = base64.b64encode(command.encode()).decode()
+        return f"{PHASE_TOOL} {_phase_tag(token, phase)} {int(token)} {int(phase)} {encoded}"
 
     def kill_phase(self, token: int, phase: int) -> int:
         """End the process tree of ``phase_command(..., token, phase)`` with taskkill /T;
@@ -474,7 +475,7 @@ def kill_phase_script(token: int, phase: int) -> str:
     tag_a, tag_b = "kvmh", f"-{int(token)}-{int(phase)}"
     script = (
         f"$t='{tag_a}'+'{tag_b}';$n=0;"
-        "Get-CimInstance Win32_Process | Where-Object { $_.CommandLine -like \"*=$t&*\" -and "
+        "Get-CimInstance Win32_Process | Where-Object { $_.CommandLine -like \"* $t *\" -and "
         "$_.ProcessId -ne $PID } | ForEach-Object { taskkill /F /T /PID $_.ProcessId | "
         "Out-Null; $n++ };$n"
     )

@@ -147,6 +147,21 @@ def read_password(env: Mapping[str, str] | None = None) -> str:
 WORKLOAD_PROGRAMS = ("page-touch-win", "membw-win", "proc-churn-win", "cr3-pingpong-win")
 
 
+def build_phase_exe(out_dir: Path, cc: str = CROSS_CC) -> Path:
+    """Cross-build ``kvm-phase.exe``, the phase runner beside ``kvm-marker.exe``."""
+    if shutil.which(cc) is None:
+        raise CrossBuildError(f"{cc} not found (fix: apt-get install gcc-mingw-w64-x86-64-win32)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src, exe = GUEST_TOOLS_DIR / "kvm-phase-win.c", out_dir / "kvm-phase.exe"
+    proc = subprocess.run(
+        [cc, "-O2", "-static", "-municode", "-Wall", "-Werror", "-o", str(exe), str(src)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise CrossBuildError(f"{src}: {cc} failed:\n{proc.stderr.strip()}")
+    return exe
+
+
 def build_workload_exes(out_dir: Path, cc: str = CROSS_CC) -> list[Path]:
     """Cross-build every Windows workload program into ``out_dir`` (static PE32+ console)."""
     if shutil.which(cc) is None:

@@ -9,7 +9,8 @@ Steps (docs/WINDOWS.md shows each one's output):
 2. the cache key: the ISOs' digests, the edition and this recipe's files;
 3. in a staging directory: the WinRM listener certificate (its SHA-256 goes
    into the manifest, for pinning), ``autounattend.xml`` from its template,
-   the tools cross-built with mingw-w64, all on an answer CD;
+   the tools cross-built with mingw-w64 (kvm-marker, kvm-phase, the workloads), all on
+   an answer CD;
 4. the installer boots (OVMF, TPM, virtio, the three CDs) and runs unattended;
    it shuts itself down once ``setup-winrm.ps1`` has run;
 5. the answer CD and the certificate's private key are deleted, the manifest
@@ -42,6 +43,7 @@ from harness.image.windows import (
     WindowsImage,
     WindowsImageError,
     build_marker_exe,
+    build_phase_exe,
     build_workload_exes,
     read_password,
 )
@@ -230,6 +232,7 @@ def make_answer_cd(staging: Path, inputs: BuildInputs) -> tuple[Path, str]:
     shutil.copy(SETUP_SCRIPT, root / SETUP_SCRIPT.name)
     (root / ANSWER_MARK).write_text("kvm-harness answer CD\n")
     build_marker_exe(root / "tools")
+    build_phase_exe(root / "tools")
     build_workload_exes(root / "tools")
     iso = staging / "answer.iso"
     proc = subprocess.run(

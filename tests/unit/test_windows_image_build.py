@@ -187,7 +187,7 @@ def test_build_writes_a_manifest_with_the_pinned_fingerprint_and_no_secret(
     image = build_windows_image(inputs(isos), double, progress=said.append, cache=cache)
     assert double.calls == 1
     assert {"autounattend.xml", "setup-winrm.ps1", "listener.pfx", "kvm-harness-answer.txt",
-            "kvm-marker.exe", "page-touch-win.exe", "cr3-pingpong-win.exe"} <= set(
+            "kvm-marker.exe", "kvm-phase.exe", "page-touch-win.exe", "cr3-pingpong-win.exe"} <= set(
                 double.answer_files)
     manifest = json.loads((image.directory / "manifest.json").read_text())
     cert = x509.load_pem_x509_certificate((image.directory / manifest["winrm_cert"]).read_bytes())

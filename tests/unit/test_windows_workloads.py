@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from harness import metrics
-from harness.image.windows import CROSS_CC, WORKLOAD_PROGRAMS, build_workload_exes
+from harness.image.windows import (
+    CROSS_CC,
+    WORKLOAD_PROGRAMS,
+    build_phase_exe,
+    build_workload_exes,
+)
 from harness.paths import WORKLOADS_DIR
 from harness.spec import load_workload
 from tests.conftest import prerequisite_missing
@@ -105,3 +110,70 @@ def test_cr3_pingpong_win_switches_twice_per_round(
     assert proc.returncode == 0, proc.stderr
     assert got.problems == {} and got.values["switches"] == 1000
     assert got.values["switches_per_s"] > 0
+
+
+# -- the phase wrapper on Windows command-line semantics (Wine's cmd.exe) -------------------
+
+#: Starts "cmd.exe /c <text of a file>" with CreateProcess, as WinRS starts a command.
+WINRS_LAUNCH_C = r"""
+#include <windows.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+	static char line[32768] = "cmd.exe /c ";
+	FILE *f = fopen(argv[1], "rb");
+	size_t n = fread(line + 11, 1, sizeof(line) - 12, f);
+	STARTUPINFOA si = {sizeof(si)};
+	PROCESS_INFORMATION pi;
+	DWORD code = 255;
+	(void)argc;
+	line[11 + n] = 0;
+	if (!CreateProcessA(NULL, line, NULL, NULL, FALSE, 0, NULL, NULL, &si, &pi)) return 254;
+	WaitForSingleObject(pi.hProcess, INFINITE);
+	GetExitCodeProcess(pi.hProcess, &code);
+	return (int)code;
+}
+"""
+#: MARKER DOUBLE: stands for kvm-marker.exe (whose cpuid only a hypervisor sees); it
+#: appends its arguments to C:\kvm-harness\markers.log, so their order can be read.
+MARKER_DOUBLE_C = r"""
+#include <stdio.h>
+int main(int argc, char **argv) {
+	FILE *f = fopen("C:\\kvm-harness\\markers.log", "a");
+	if (f == NULL || argc != 3) return 2;
+	fprintf(f, "%s %s\n", argv[1], argv[2]);
+	return fclose(f) != 0;
+}
+"""
+
+
+def _cross(src: str, exe: Path) -> Path:
+    c = exe.with_suffix(".c")
+    c.write_text(src)
+    subprocess.run([CROSS_CC, "-O2", "-static", "-o", str(exe), str(c)], check=True)
+    return exe
+
+
+@pytest.mark.parametrize(("command", "status"), [
+    ("echo in-phase & exit /b 3", 3),  # the closing marker runs all the same
+    ("echo in-phase", 0),
+    ('echo "in-phase & <quoted>" & echo ^%x^% 100%% & exit 4', 4),  # nothing escapes early
+])
+def test_phase_command_marks_around_and_keeps_the_exit_status(
+    tmp_path: Path, wine: dict[str, str], command: str, status: int
+) -> None:
+    from harness.guest.winrm import Secret, WinrmGuest, WinrmTarget
+
+    tools = Path(wine["WINEPREFIX"]) / "drive_c" / "kvm-harness"
+    tools.mkdir(parents=True, exist_ok=True)
+    _cross(MARKER_DOUBLE_C, tools / "kvm-marker.exe")
+    build_phase_exe(tools)
+    (tools / "markers.log").unlink(missing_ok=True)
+    launch = _cross(WINRS_LAUNCH_C, tmp_path / "winrs-launch.exe")
+    guest = WinrmGuest(WinrmTarget("127.0.0.1", 1, "u", Secret("p"), "ab" * 32))
+    line = tmp_path / "line.txt"
+    line.write_text(guest.phase_command(command, 17, 2))
+    proc = subprocess.run([WINE, str(launch), "Z:" + str(line).replace("/", "\\")], env=wine,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert "in-phase" in proc.stdout
+    assert (tools / "markers.log").read_text().split("\n") == ["17 2", "17 0", ""]

@@ -7,6 +7,7 @@ messages the transport sends against MS-WSMV 3.1.4 (cited in the double).
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ import pytest
 from harness.guest.base import GuestGone, GuestLost, GuestTimeout
 from harness.guest.output import HEAD_CAP, TAIL_CAP
 from harness.guest.winrm import (
+    PHASE_TOOL,
     CertificateMismatch,
     CredentialsRefused,
     Secret,
@@ -276,10 +278,11 @@ def test_password_never_logged(
 
 def test_phase_command_and_kill_script() -> None:
     g = WinrmGuest(WinrmTarget("127.0.0.1", 1, "u", Secret("p"), "ab" * 32))
-    cmd = g.phase_command("page-touch-win.exe 64", 17, 3)
-    assert "KVMH_PHASE=kvmh-17-3&" in cmd
-    assert "kvm-marker.exe 17 3" in cmd and "kvm-marker.exe 17 0" in cmd
-    assert cmd.endswith('exit !KVMH_RC!"')
+    command = 'page-touch-win.exe --mib 64 & echo "quoted & <odd>" ^ %PATH% !x!'
+    cmd = g.phase_command(command, 17, 3)
+    tool, tag, token, phase, encoded = cmd.split(" ")
+    assert (tool, tag, token, phase) == (PHASE_TOOL, "kvmh-17-3", "17", "3")
+    assert base64.b64decode(encoded).decode() == command  # nothing for cmd.exe to parse
     # the killer's own command line must not match its filter
     assert "kvmh-17-3" not in kill_phase_script(17, 3)
 
