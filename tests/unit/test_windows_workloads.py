@@ -82,6 +82,14 @@ def test_page_touch_win_touches_what_it_was_asked(
     assert got.values["first_touch_mib_per_s"] > 0 and got.values["retouch_mib_per_s"] > 0
 
 
+def test_page_touch_win_large_pages_without_the_privilege_fail_clearly(
+    exes: dict[str, Path], wine: dict[str, str]
+) -> None:
+    proc, got = run_phase("page-touch-win", {"mib": 2, "pages": "large"}, exes, wine)
+    assert proc.returncode == 1 and "SeLockMemoryPrivilege" in proc.stderr
+    assert "touched_bytes" in got.missing
+
+
 def test_page_touch_win_bad_input_exits_2(exes: dict[str, Path], wine: dict[str, str]) -> None:
     proc = subprocess.run([WINE, str(exes["page-touch-win"]), "--mib", "0"], env=wine,
                           capture_output=True, text=True, timeout=60)

@@ -1,11 +1,11 @@
 /*
- * page-touch-win --mib N [--passes P] [--large]
+ * page-touch-win --mib N [--passes P] [--pages small|large]
  *
  * The Windows page-touch: VirtualAlloc(MEM_RESERVE | MEM_COMMIT) N MiB and
  * write one byte in every 4 KiB page, P times (default 2). Pass 1 is the
  * first touch: every page demand-faults (a zero page from the guest kernel,
  * and on a TDP host an EPT violation / NPF as the host backs it). Passes
- * 2..P retouch resident pages: the baseline. --large asks for MEM_LARGE_PAGES
+ * 2..P retouch resident pages: the baseline. --pages large asks for MEM_LARGE_PAGES
  * (2 MiB pages, committed at allocation: needs SeLockMemoryPrivilege).
  *
  * One line per pass, in the Linux page-touch's style; "faults" is this
@@ -28,7 +28,7 @@
 static int usage(const char *why)
 {
 	fprintf(stderr, "page-touch-win: %s\n"
-		"usage: page-touch-win --mib N [--passes P] [--large]\n", why);
+		"usage: page-touch-win --mib N [--passes P] [--pages small|large]\n", why);
 	return 2;
 }
 
@@ -88,8 +88,12 @@ int main(int argc, char **argv)
 		} else if (strcmp(argv[i], "--passes") == 0 && i + 1 < argc) {
 			if (parse(argv[++i], 1, 1000000, &passes))
 				return usage("--passes wants an integer >= 1");
-		} else if (strcmp(argv[i], "--large") == 0) {
-			large = 1;
+		} else if (strcmp(argv[i], "--pages") == 0 && i + 1 < argc) {
+			i++;
+			if (strcmp(argv[i], "large") == 0)
+				large = 1;
+			else if (strcmp(argv[i], "small") != 0)
+				return usage("--pages wants small or large");
 		} else {
 			return usage("unknown argument");
 		}
@@ -97,10 +101,15 @@ int main(int argc, char **argv)
 	if (mib == 0)
 		return usage("--mib is required");
 	if (large) {
-		if (!enable_lock_memory() || GetLargePageMinimum() == 0) {
-			fprintf(stderr, "page-touch-win: large pages need SeLockMemoryPrivilege\n");
+		SIZE_T lp = GetLargePageMinimum();
+
+		if (lp == 0 || !enable_lock_memory()) {
+			fprintf(stderr, "page-touch-win: large pages need SeLockMemoryPrivilege "
+				"(Local Security Policy: Lock pages in memory) and a CPU with them\n");
 			return 1;
 		}
+		if ((mib << 20) % lp != 0)
+			return usage("--pages large wants --mib a multiple of the large page size");
 		flags |= MEM_LARGE_PAGES;
 	}
 	mem = VirtualAlloc(NULL, (SIZE_T)(mib << 20), flags, PAGE_READWRITE);
