@@ -184,8 +184,9 @@ def test_run_with_set_override_end_to_end(tmp_path: Path, linux_image: LinuxImag
     """`harness run --set`, traced: the values reach the guest, every phase is its own record."""
     suite = write_suite(
         tmp_path,
-        '[[runs]]\nworkload = "page-touch-4k"\nvm = "linux"\n\n'
-        '[[runs]]\nworkload = "fork-storm"\nvm = "linux"\n',
+        # No warm-up repetitions: one record per run, as the checks below count them.
+        '[[runs]]\nworkload = "page-touch-4k"\nvm = "linux"\nwarmup = 0\n\n'
+        '[[runs]]\nworkload = "fork-storm"\nvm = "linux"\nwarmup = 0\n',
     )
     results = tmp_path / "results"
     proc = run_harness(
