@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -239,6 +240,40 @@ def check_root() -> Check:
     return Check("root", False, True, f"euid {os.geteuid()}", "run as root (sudo)")
 
 
+#: swtpm's local certificate authority: libvirt runs swtpm_setup (and so swtpm_localca) as
+#: its swtpm_user, tss by default. A file there owned by someone else (swtpm_setup once run
+#: by hand as root) makes every TPM-equipped domain (Windows guests) fail to start with
+#: "Need read/write rights on .../.lock.swtpm-localca for user tss".
+SWTPM_LOCALCA = Path("/var/lib/swtpm-localca")
+SWTPM_USER = "tss"
+
+
+def check_swtpm_localca(root: Path = SWTPM_LOCALCA, user: str = SWTPM_USER) -> Check:
+    """Every file of swtpm's local CA belongs to libvirt's swtpm user."""
+    if not root.is_dir():
+        return Check("swtpm-localca", True, False, f"{root} absent (made on first TPM use)")
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return Check("swtpm-localca", False, False, f"user {user} does not exist",
+                     "apt-get install swtpm-tools")
+    wrong = sorted(p.name for p in [root, *root.iterdir()] if p.lstat().st_uid != uid)
+    if not wrong:
+        return Check("swtpm-localca", True, False, f"{root} owned by {user}")
+    return Check("swtpm-localca", False, False,
+                 f"{root}: {', '.join(wrong)} not owned by {user}: TPM domains cannot start",
+                 f"chown -R {user}:{user} {root}")
+
+
+def fix_swtpm_localca(log: Callable[[str], None], root: Path = SWTPM_LOCALCA,
+                      user: str = SWTPM_USER) -> None:
+    """``chown -R tss:tss /var/lib/swtpm-localca`` (links are changed, never followed)."""
+    pw = pwd.getpwnam(user)
+    log(f"chown -R {user}:{user} {root}")
+    for p in [root, *root.iterdir()]:
+        os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
 def run_checks() -> list[Check]:
     """Run every check, in the order a person would fix them."""
     return [
@@ -262,6 +297,7 @@ def run_checks() -> list[Check]:
             "virt-xml-validate", "virt-xml-validate", "libvirt-clients", False, "XML validation"
         ),
         _tool_check("xmllint", "xmllint", "libxml2-utils", False, "needed by virt-xml-validate"),
+        check_swtpm_localca(),
     ]
 
 
@@ -385,3 +421,5 @@ def apply_fixes(checks: list[Check], log: Callable[[str], None]) -> None:
         _mount("debugfs", DEBUGFS, log)
     if "/dev/kvm" in failed:
         fix_dev_kvm(log)
+    if "swtpm-localca" in failed and SWTPM_LOCALCA.is_dir():
+        fix_swtpm_localca(log)
