@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Defined beside its reader (harness/guest/identity.py); part of the result schema.
+from harness.guest.identity import GuestIdentity as GuestIdentity
 from harness.host.facts import HostFacts
 from harness.host.load import HostLoad
 from harness.host.mmuconfig import HostConfigRecord, HostLeftChanged
@@ -155,6 +157,12 @@ class VmRecord(_Model):
         "the marker token: equal recipes boot the same guest (None: use image_digest)",
     )
     trace: TraceSummary | None = Field(default=None, description="the tracer of this boot")
+    guest_identity: GuestIdentity | None = Field(
+        default=None,
+        description="the guest's OS release and kernel as it reported them after boot, and "
+        "the kernel / disk the host booted it from. None: not recorded (older results, "
+        "micro guests, or the guest could not be asked)",
+    )
     ended_early: str | None = Field(
         default=None,
         description="why the harness destroyed this boot before all its work ran (a phase "

@@ -151,6 +151,20 @@ def verify_entry(directory: Path) -> str | None:
     return None
 
 
+def recorded_sha256(directory: Path, rel: str) -> str | None:
+    """The sha256 ``SHA256SUMS`` records for ``rel`` in an entry (checked by :func:`lookup`),
+    or None when it lists no such file: a digest for the result without hashing again."""
+    try:
+        text = (directory / SUMS_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and name == rel and len(digest) == 64:
+            return digest
+    return None
+
+
 @contextlib.contextmanager
 def entry_lock(name: str, digest: str, cache: Path | None = None) -> Iterator[None]:
     """Hold an exclusive lock on one cache entry (blocks while another build runs)."""

@@ -38,6 +38,7 @@ import libvirt
 
 from harness import metrics, tracing
 from harness.guest.base import AbortCheck, Guest, GuestError, GuestGone, GuestLost, GuestTimeout
+from harness.guest.identity import GuestIdentity, try_read_identity
 from harness.guest.ssh import SshGuest
 from harness.host.facts import choose_accelerator
 from harness.image import cache as image_cache
@@ -194,8 +195,11 @@ class LinuxSession:
         guest = _wait_for_ssh(running, image, vm, state)
         teardown.callback(guest.close)
         self._guest, self._running = guest, running
+        ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
+        identity = guest_identity(guest, image)
         with state.lock:
-            record.boot_to_ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
+            record.boot_to_ready_s = ready_s
+            record.guest_identity = identity
             state.save()
         rep.step(
             f"vm {vm.name}: SSH ready after {record.boot_to_ready_s:.1f} s ({accel}: {reason})"
@@ -330,6 +334,21 @@ class ConsoleWatch:
         if self._found is None:
             return None
         return f"the guest kernel panicked: console says {self._found!r}"
+
+
+def guest_identity(guest: Guest, image: LinuxImage) -> GuestIdentity:
+    """What the guest says it is, with what the host booted: the kernel file's digest and
+    package, the base disk's digest (both from the image entry's SHA256SUMS: no hashing)."""
+    identity = try_read_identity(guest)
+    kernel_package = next((p for p in image.packages if p.startswith("linux-image-")), None)
+    return identity.model_copy(update={
+        "kernel_sha256": image_cache.recorded_sha256(
+            image.directory, image.kernel.relative_to(image.directory).as_posix()),
+        "kernel_package": kernel_package,
+        "kernel_package_version": image.packages.get(kernel_package or ""),
+        "disk_sha256": image_cache.recorded_sha256(
+            image.directory, image.disk.relative_to(image.directory).as_posix()),
+    })
 
 
 def _copy_if_exists(src: Path, dest: Path) -> None:
