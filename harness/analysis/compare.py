@@ -433,6 +433,26 @@ def _by_boot(reps: list[tuple[str, PhaseFigures]], name: str) -> list[list[float
     return list(boots.values())
 
 
+def _sampled(reps: list[tuple[str, PhaseFigures]], name: str) -> tuple[int, int, int, int] | None:
+    """A sampled path's samples through it, samples, exact events and repetitions, summed."""
+    have = [r.sampled[name] for _, r in reps if name in r.sampled]
+    if not have:
+        return None
+    k, n, events = (sum(col) for col in zip(*have, strict=True))
+    return k, n, events, len(have)
+
+
+def _judge(
+    s: _Samples, name: str, unit: str, test: stats.TestName = "welch"
+) -> stats.FigureStats:
+    """One figure's statistics between the sides (sampled paths with their sampling noise)."""
+    b, c = _by_boot(s.base, name), _by_boot(s.candidate, name)
+    sb, sc = _sampled(s.base, name), _sampled(s.candidate, name)
+    sampled = (sb, sc) if sb is not None and sc is not None else None
+    count = is_count(name, unit) and sb is None and sc is None
+    return stats.compare_figure(b, c, count=count, sampled=sampled, test=test)
+
+
 def _figures(s: _Samples, test: stats.TestName) -> Iterable[FigureResult]:
     b_reps, c_reps = [r for _, r in s.base], [r for _, r in s.candidate]
     names = {n for rep in (*b_reps, *c_reps) for n in rep.values}
@@ -443,7 +463,7 @@ def _figures(s: _Samples, test: stats.TestName) -> Iterable[FigureResult]:
         b, c = _by_boot(s.base, name), _by_boot(s.candidate, name)
         meta = next(rep for rep in (*b_reps, *c_reps) if name in rep.values)
         unit = meta.units[name]
-        st = stats.compare_figure(b, c, count=is_count(name, unit), test=test)
+        st = _judge(s, name, unit, test=test)
         comp = stats.variance_components([b, c])
         fb, fc = stats.flat(b), stats.flat(c)
         fig = FigureResult(
@@ -517,8 +537,7 @@ def _minimal_effects(
         if f.p is None:
             continue
         s = samples[_phase_key(f.phase)]
-        b, c = _by_boot(s.base, f.figure), _by_boot(s.candidate, f.figure)
-        st = stats.compare_figure(b, c, count=is_count(f.figure, f.unit))
+        st = _judge(s, f.figure, f.unit)
         f.mde = stats.minimal_detectable_effect(st, alpha=level, threshold=threshold)
 
 

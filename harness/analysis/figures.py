@@ -45,6 +45,9 @@ class PhaseFigures:
     attached: frozenset[str] | None = None
     #: latency name -> (events counted by its histogram, estimated total ns)
     latency_totals: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: sampled ``path.*`` figures -> (samples through the function, samples of the probe,
+    #: the probe's exact events): what the estimate's sampling noise is derived from
+    sampled: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 #: Sparse count families and the probe that must be attached for an absent key to mean 0.
@@ -108,6 +111,8 @@ def _trace_figures(out: PhaseFigures, t: PhaseTrace) -> None:
             # Sampled stacks: the estimate (share of samples x exact events), not samples.
             est = st.path_estimates.get(fn)
             _put(out, f"path.{probe}.{fn}", est.events if est else n, False, "events")
+            if est is not None:
+                out.sampled[f"path.{probe}.{fn}"] = (n, st.stacked, st.events)
     if t.root_loads is not None:
         _put(out, "trace.root_loads", t.root_loads, False, "loads")
     for name, buckets in t.latency_ns.items():
@@ -148,7 +153,11 @@ COUNT_UNITS = frozenset({"events", "loads"})
 
 
 def is_count(name: str, unit: str) -> bool:
-    """Whether figure ``name`` counts events (exits, faults, root lookups, path counts)."""
+    """Whether figure ``name`` counts events (exits, faults, root lookups, path counts).
+
+    A sampled path's estimate is not a count: its noise is the sampling's (see
+    :func:`harness.analysis.stats.sampling_test`), far above a Poisson count's.
+    """
     return unit in COUNT_UNITS and not name.startswith(("metric.", "time.", "latency."))
 
 

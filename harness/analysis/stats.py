@@ -165,6 +165,9 @@ class FigureStats:
     noise: tuple[float, float] | None
     count_totals: tuple[float, int, float, int] | None  # (base sum, base reps, cand sum, reps)
     why_no_test: str | None = None
+    #: a sampled path's standard error of log(estimate ratio) from the sampling and the
+    #: exact counts alone (:func:`sampling_test`); None: not a sampled figure
+    sampling_se: float | None = None
     #: the same constant on every repetition of both sides: no hypothesis to test
     identical: bool = False
 
@@ -197,15 +200,48 @@ def _poisson_ci(
     return ratio(ci.low) - 1, ratio(ci.high) - 1
 
 
+#: Summed over a side's repetitions: (samples through the function, samples of the probe,
+#: the probe's exact events, repetitions); base first, then the candidate.
+Sampled = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+
+
+def sampling_test(sampled: Sampled) -> tuple[float, float | None]:
+    """p of "the same estimated events per repetition", and its log-ratio SE, from sampling.
+
+    A sampled path's estimate is share x events: the share p = k/n is binomial
+    in the n stacks sampled (the Wilson interval in the result), the event count
+    is exact and read as Poisson. By the delta method, var(log estimate) is
+    (1 - p)/k + 1/events on each side, and the log ratio of the per-repetition
+    estimates is tested with a normal z. A side with no sample through the
+    function has no log: then only the shares are tested (Fisher's exact test).
+    """
+    (kb, nb, eb, rb), (kc, nc, ec, rc) = sampled
+    if kb == 0 or kc == 0 or eb == 0 or ec == 0:
+        if kb + kc == 0:
+            return 1.0, None
+        table = np.array([[kb, nb - kb], [kc, nc - kc]])
+        return float(sps.fisher_exact(table).pvalue), None
+    pb, pc = kb / nb, kc / nc
+    se = math.sqrt((1 - pb) / kb + (1 - pc) / kc + 1 / eb + 1 / ec)
+    diff = math.log(pc * ec / rc) - math.log(pb * eb / rb)
+    return float(2 * sps.norm.sf(abs(diff) / se)) if se > 0 else float(diff != 0), se
+
+
 def compare_figure(
     base: Boots,
     candidate: Boots,
     *,
     count: bool = False,
+    sampled: Sampled | None = None,
     test: TestName = "welch",
     level: float = 0.95,
 ) -> FigureStats:
-    """The change of one figure between two sides of boots, its interval and p-value."""
+    """The change of one figure between two sides of boots, its interval and p-value.
+
+    ``sampled``: the figure is a sampled path's estimate; besides the boots'
+    noise it must pass :func:`sampling_test` (the larger p counts), so a change
+    the samples cannot tell from chance is never a finding.
+    """
     base = [b for b in base if len(b)]
     candidate = [b for b in candidate if len(b)]
     nb, nc = len(base), len(candidate)
@@ -220,7 +256,9 @@ def compare_figure(
     back: Callable[[float], float] = math.exp if log else float
     change = _change(mb, mc, log)
     totals = (sum(fb), len(fb), sum(fc), len(fc)) if count else None
-    out = FigureStats(scale, back(mb), back(mc), change, None, None, None, nb, nc, None, totals)
+    p_samp, se_samp = sampling_test(sampled) if sampled is not None else (None, None)
+    out = FigureStats(scale, back(mb), back(mc), change, None, None, None, nb, nc, None, totals,
+                      sampling_se=se_samp)
     if nb < 2 or nc < 2:
         return replace(out, why_no_test=f"{nb} boot(s) against {nc}: a side needs 2 or more "
                        "(repetitions inside one boot share its noise)")
@@ -236,6 +274,9 @@ def compare_figure(
             return replace(out, p=poisson_rate_test(*totals), ci=_poisson_ci(*totals, level),
                            method="exact Poisson rate test (no variation within either side)",
                            noise=(df, 0.0))
+        if p_samp is not None:
+            return replace(out, p=p_samp, noise=(df, 0.0),
+                           method="sampling test (no variation within either side)")
         ci = (change, change) if change is not None else None
         return replace(out, p=1.0 if diff == 0 else 0.0, ci=ci, noise=(df, 0.0),
                        method="exact: no variation within either side")
@@ -253,6 +294,8 @@ def compare_figure(
         p_pois = poisson_rate_test(*totals)
         if p_pois > p:
             p, method = p_pois, method + "; Poisson rate test (the larger p)"
+    if p_samp is not None and p_samp > p:
+        p, method = p_samp, method + "; sampling test (the larger p)"
     return replace(out, p=p, method=method, noise=(df, se),
                    ci=_interval(mb, diff - half, diff + half, log))
 
@@ -298,6 +341,10 @@ def minimal_detectable_effect(
         # log rate ratio's SE at the base rate on both sides: sqrt(1/B + 1/B').
         pois = math.expm1(z * math.sqrt(1 / bt + 1 / max(bt * cn / bn, 1e-9)))
         effect = max(effect, pois) if effect is not None else pois
+    if s.sampling_se is not None:
+        z = float(sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power))
+        samp = math.expm1(z * s.sampling_se)
+        effect = max(effect, samp) if effect is not None else samp
     return None if effect is None else max(effect, threshold)
 
 

@@ -7,11 +7,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy.stats import binomtest
 
 from harness.analysis import callpaths
+from harness.analysis.compare import compare
 from harness.analysis.figures import phase_figures
+from harness.analysis.resultset import load_side
+from harness.analysis.stats import sampling_test
 from harness.spec import SpecError, load_suite
 from harness.trace import libbpf as L
 from harness.trace import probes as P
@@ -19,7 +23,7 @@ from harness.trace.model import PhaseTrace, ProbeStacks
 from harness.trace.parse import StackMapOutput, parse_line
 from harness.trace.program import ProgramError, check_program, generate, probe_id
 from harness.trace.stacks import path_estimates, probe_stacks, wilson
-from tests.unit.test_compare import run_result
+from tests.unit.test_compare import run_result, save
 from tests.unit.test_trace_libbpf import BUILT, lb_status
 from tests.unit.test_trace_program import T1, T2, fake_status, needs_bpftrace
 
@@ -207,3 +211,58 @@ def test_run_refuses_a_bad_period_before_booting(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "--stacks" in proc.stderr and "'kvm_cpuid/0'" in proc.stderr, proc.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def _sampled_side(tmp: Path, run_id: str, pio: int, emul: int, events: int) -> list[Path]:
+    # 3 boots x 2 repetitions, every repetition with the same sampled stacks.
+    r = run_result(run_id, [1000.0] * 6, reps_per_boot=2)
+    for run in r.runs:
+        run.phases[0].trace = _sampled_trace(pio, emul, events)
+    return save(tmp, r)
+
+
+def test_compare_judges_a_sampled_path_by_its_sampling_noise(tmp_path: Path) -> None:
+    # 7 of 10 samples through handle_io on every base repetition, 6 of 10 on the
+    # candidate's: 42/60 against 36/60 samples, a difference chance gives often
+    # (Fisher p ~ 0.4). The estimates (448 vs 384 events a repetition, constant
+    # within each side) would be a certain change to a Poisson test of counts.
+    base = _sampled_side(tmp_path, "b", 7, 3, 640)
+    cand = _sampled_side(tmp_path, "c", 6, 4, 640)
+    report = compare(load_side("base", base), load_side("candidate", cand))
+    io = next(f for f in report.figures if f.figure == "path.kvm_emulate_insn.handle_io")
+    assert io.p is not None and io.p > 0.2
+    assert io.test is not None and "sampling test" in io.test
+    assert io.verdict == "no change" and report.exit_status == 0
+    assert io.mde is not None and io.mde > 0.3  # 60 samples a side cannot see 30%
+
+
+def test_compare_finds_a_path_shift_that_the_samples_resolve(tmp_path: Path) -> None:
+    # 700 of 1000 against 600 of 1000 samples a repetition, of 64,000 events each:
+    # share 0.70 -> 0.60 over 6,000 samples a side is far beyond sampling noise.
+    base = _sampled_side(tmp_path, "b", 700, 300, 64000)
+    cand = _sampled_side(tmp_path, "c", 600, 400, 64000)
+    report = compare(load_side("base", base), load_side("candidate", cand))
+    io = next(f for f in report.figures if f.figure == "path.kvm_emulate_insn.handle_io")
+    assert io.p is not None and io.p < 1e-6
+    assert io.change == pytest.approx(600 / 700 - 1)
+    assert io.verdict == "improvement"
+
+
+def test_the_sampling_test_is_calibrated_under_the_null() -> None:
+    # A/A: share 0.3 sampled 1 in 61 of ~20,000 Poisson events a repetition, 4 repetitions
+    # a side. The rate of p < 0.05 must be 5% within its binomial noise; a 15% shift of
+    # the share must be found most of the time.
+    rng = np.random.default_rng(7)
+
+    def side(share: float) -> tuple[int, int, int, int]:
+        events = rng.poisson(20000, 4)
+        n = events // 61
+        k = rng.binomial(n, share)
+        return int(k.sum()), int(n.sum()), int(events.sum()), 4
+
+    trials = 3000
+    null = sum(sampling_test((side(0.3), side(0.3)))[0] < 0.05 for _ in range(trials))
+    ci = binomtest(null, trials).proportion_ci(0.99)
+    assert ci.low <= 0.05 <= ci.high, null / trials
+    found = sum(sampling_test((side(0.3), side(0.345)))[0] < 0.05 for _ in range(500))
+    assert found / 500 > 0.6
