@@ -70,10 +70,16 @@ class SshGuest:
         host: str,
         port: int,
         again: Callable[[float], paramiko.SSHClient] | None = None,
+        *,
+        wrap: Callable[[str], str] | None = None,
+        marker: str = MARKER_TOOL,
     ) -> None:
         self._client = client
         self.host, self.port = host, port
         self._again = again  # a new client to the same guest, retried until the deadline
+        # Every command as run: e.g. through sudo, with a PATH (a user that is not root).
+        self._wrap = wrap
+        self.marker = marker
 
     @classmethod
     def connect(
@@ -86,17 +92,21 @@ class SshGuest:
         host_key: str,
         deadline_s: float,
         stop_if: Callable[[], bool] | None = None,
+        wrap: Callable[[str], str] | None = None,
+        marker: str = MARKER_TOOL,
     ) -> SshGuest:
         """Connect, retrying transient failures until ``deadline_s`` has passed.
 
         ``host_key`` is the "type base64" line recorded when the image was
         built; any other key is rejected (never AutoAddPolicy). Retries also
         end as soon as ``stop_if()`` is true (the run is being torn down).
+        ``wrap`` turns every command into the one sent (sudo for a user that is
+        not root); ``marker`` is the guest's phase marker program.
         """
         def again(deadline: float) -> paramiko.SSHClient:
             return _connect_client(host, port, user, key_file, host_key, deadline, stop_if)
 
-        return cls(again(deadline_s), host, port, again)
+        return cls(again(deadline_s), host, port, again, wrap=wrap, marker=marker)
 
     def reconnect(self, deadline_s: float) -> None:
         """Drop the old connection and connect again, retrying until ``deadline_s``."""
@@ -118,6 +128,7 @@ class SshGuest:
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestLost(f"SSH connection to {self.host}:{self.port} is closed")
+        sent = command if self._wrap is None else self._wrap(command)
         try:
             chan = transport.open_session(timeout=10)
         except TRANSIENT as exc:
@@ -125,7 +136,7 @@ class SshGuest:
         out, err = BoundedOutput(), BoundedOutput()
         watch = CommandWatch(command, timeout_s, abort_if)
         try:
-            chan.exec_command(command)
+            chan.exec_command(sent)
             chan.settimeout(READ_WAIT_S)
             _read_until_exit(chan, watch, out, err)
             status = chan.recv_exit_status()
@@ -203,7 +214,7 @@ class SshGuest:
 
     def phase_command(self, command: str, token: int, phase: int) -> str:
         """Bracket ``command`` with kvm-marker calls; keep the workload's exit status."""
-        mark = f"{MARKER_TOOL} {token}"
+        mark = f"{self.marker} {token}"
         # A subshell, so that an `exit` in the command (kv-store's stop phase has
         # two) ends only the command and the closing marker still runs.
         inner = f"{mark} {phase}; ( {command}\n); rc=$?; {mark} 0; exit $rc"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from harness.vm.domain import DomainConfig, KernelBoot, RomBoot
+from harness.vm.domain import DomainConfig, FirmwareBoot, KernelBoot, RomBoot
 
 
 def linux_config(
@@ -47,4 +47,36 @@ def micro_config(*, name: str, memory_mib: int, rom: Path, console_log: Path) ->
         console_log=console_log,
         debug_exit=True,
         cpu="default",
+    )
+
+
+def cloud_config(
+    *,
+    name: str,
+    accelerator: Literal["kvm", "tcg"],
+    memory_mib: int,
+    vcpus: int,
+    firmware: Literal["bios", "uefi"],
+    nvram: Path,
+    overlay: Path,
+    seed: Path,
+    mac: str,
+    console_log: Path,
+    ssh_port: int,
+    network: bool,
+) -> DomainConfig:
+    """A cloud guest: its own bootloader through SeaBIOS or OVMF (``nvram``: a per-boot copy
+    of the variable store), an overlay on the user's disk, the cloud-init seed as a CD."""
+    return DomainConfig(
+        name=name,
+        domain_type="kvm" if accelerator == "kvm" else "qemu",
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        boot=FirmwareBoot(firmware, nvram if firmware == "uefi" else None),
+        console_log=console_log,
+        disk=overlay,
+        ssh_port=ssh_port,
+        cdrom=seed,
+        mac=mac,
+        outside_network=network,
     )

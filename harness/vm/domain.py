@@ -55,6 +55,15 @@ class UefiBoot:
 
 
 @dataclass(frozen=True)
+class FirmwareBoot:
+    """Boot the disk through firmware (a cloud guest's own bootloader): SeaBIOS, or OVMF
+    UEFI with ``nvram`` a per-boot copy of its variable store (made by libvirt at start)."""
+
+    firmware: Literal["bios", "uefi"]
+    nvram: Path | None = None
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     """Everything the XML says about one VM."""
 
@@ -62,7 +71,7 @@ class DomainConfig:
     domain_type: Literal["kvm", "qemu"]  # "qemu" = TCG
     memory_mib: int
     vcpus: int
-    boot: KernelBoot | RomBoot | UefiBoot
+    boot: KernelBoot | RomBoot | UefiBoot | FirmwareBoot
     console_log: Path
     disk: Path | None = None  # qcow2 overlay, virtio-blk
     ssh_port: int | None = None  # forwarded from 127.0.0.1
@@ -81,6 +90,11 @@ class DomainConfig:
     # (libvirt cputune): pinned guests measure the change, not the scheduler's choices.
     vcpu_pins: tuple[int, ...] | None = None
     emulator_pins: tuple[int, ...] | None = None
+    # Cloud guests: a read-only CD (the cloud-init seed), the NIC's MAC address (the seed's
+    # network config matches it), and a network the guest may leave (no restrict=on).
+    cdrom: Path | None = None
+    mac: str | None = None
+    outside_network: bool = False
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -118,6 +132,14 @@ def domain_xml(cfg: DomainConfig) -> str:
         if cfg.boot.initrd is not None:
             _sub(os_el, "initrd", str(cfg.boot.initrd))
         _sub(os_el, "cmdline", cfg.boot.cmdline)
+    elif isinstance(cfg.boot, FirmwareBoot):
+        _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+        if cfg.boot.firmware == "uefi":
+            from harness.vm.windows import OVMF_CODE, OVMF_VARS  # imports this module
+
+            _sub(os_el, "loader", str(OVMF_CODE), readonly="yes", type="pflash", secure="no")
+            _sub(os_el, "nvram", str(cfg.boot.nvram), template=str(OVMF_VARS))
+        _sub(os_el, "boot", dev="hd")
     else:
         # The micro guest is real-mode code from reset: the plain i440FX "pc" machine.
         _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
@@ -142,24 +164,35 @@ def domain_xml(cfg: DomainConfig) -> str:
         _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         _sub(disk, "source", file=str(cfg.disk))
         _sub(disk, "target", dev="vda", bus="virtio")
+    if cfg.cdrom is not None:
+        cd = _sub(devices, "disk", type="file", device="cdrom")
+        _sub(cd, "driver", name="qemu", type="raw")
+        _sub(cd, "source", file=str(cfg.cdrom))
+        _sub(cd, "target", dev="sda", bus="sata")
+        _sub(cd, "readonly")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(cfg.console_log))
     _sub(serial, "target", port="0")
     # No balloon unless asked for: it would give memory back behind the workload's back.
     # A requested one only moves when the harness calls setMemory (no autodeflate).
     _sub(devices, "memballoon", model="virtio" if cfg.balloon else "none")
-    if isinstance(cfg.boot, KernelBoot):
+    if isinstance(cfg.boot, KernelBoot | FirmwareBoot):
         _sub(devices, "rng", model="virtio").append(_backend_random())
 
     args: list[str] = []
     if cfg.ssh_port is not None:
+        # restrict=on: the guest reaches nothing outside (not the host's loopback
+        # services through 10.0.2.2, not the network); the forward still works. Only a
+        # cloud VM with network = true goes without (cloud-init installs its packages).
+        restrict = "" if cfg.outside_network else "restrict=on,"
+        device = f"virtio-net-pci,netdev=n0,bus=pcie.0,addr={NET_PCI_SLOT:#x}"
+        if isinstance(cfg.boot, FirmwareBoot):
+            device += ",romfile="  # no iPXE option ROM: the firmware boots the disk at once
         args += [
             "-netdev",
-            # restrict=on: the guest reaches nothing outside (not the host's loopback
-            # services through 10.0.2.2, not the network); the forward still works.
-            f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
+            f"user,id=n0,{restrict}hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
             "-device",
-            f"virtio-net-pci,netdev=n0,bus=pcie.0,addr={NET_PCI_SLOT:#x}",
+            device + (f",mac={cfg.mac}" if cfg.mac else ""),
         ]
     if cfg.debug_exit:
         args += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]

@@ -123,13 +123,15 @@ def free_port() -> int:
         return port
 
 
-def create_overlay(base: Path, overlay: Path) -> None:
-    """A qcow2 overlay on ``base``: the guest writes there, the base stays pristine.
+def create_overlay(base: Path, overlay: Path, base_format: str = "qcow2") -> None:
+    """A qcow2 overlay on ``base`` (qcow2 or raw): the guest writes there, the base stays
+    pristine.
 
     Mode 0600: libvirt hands it to QEMU's user while the domain runs.
     """
     proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base),
+         str(overlay)],
         capture_output=True,
         text=True,
         check=False,
