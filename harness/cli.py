@@ -324,7 +324,7 @@ def image() -> None:
 
 
 @image.command("build")
-@click.argument("name", type=click.Choice(["linux", "windows"]))
+@click.argument("name", type=click.Choice(["linux", "windows", "cloud-standin"]))
 @click.option("--force", is_flag=True, help="Rebuild even if the recipe has not changed.")
 @click.option("--iso", type=click.Path(path_type=Path), help="windows: the Windows ISO.")
 @click.option("--virtio-iso", type=click.Path(path_type=Path),
@@ -348,6 +348,9 @@ def image_build(
     if name == "windows":
         _build_windows(iso, virtio_iso, edition, iso_sha256, force)
         return
+    if name == "cloud-standin":
+        _build_cloud_standin(force)
+        return
 
     try:
         # SIGTERM too unwinds the build: its staging directory and commands go with it.
@@ -357,6 +360,20 @@ def image_build(
         click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
         sys.exit(128 + exc.signum)
     click.echo(f"{img.name} {img.digest[:12]} {img.directory}")
+
+
+def _build_cloud_standin(force: bool) -> None:
+    """`harness image build cloud-standin`: the stand-in for a vendor cloud image."""
+    from harness.image.cloud_standin import build_cloud_standin
+    from harness.run import RunInterrupted, signals_raise
+
+    try:
+        with signals_raise():
+            img = build_cloud_standin(force=force, progress=lambda s: click.echo(s, err=True))
+    except RunInterrupted as exc:
+        click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
+        sys.exit(128 + exc.signum)
+    click.echo(f"{img.name} {img.digest[:12]} {img.disk}")
 
 
 def _build_windows(

@@ -23,6 +23,15 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 from harness.host.facts import bpftrace_version, collect_host_facts, qemu_version
 
 LIBVIRT_URI = "qemu:///system"
+#: The cloud-image stand-in's build (harness/image/cloud_standin.py): a Debian package ->
+#: the tool or file of it that the build uses (GPT, ESP, grub for BIOS and for UEFI).
+CLOUD_STANDIN_FILES = {
+    "fdisk": "sfdisk",
+    "dosfstools": "mkfs.fat",
+    "mtools": "mcopy",
+    "grub-pc-bin": "/usr/lib/grub/i386-pc/boot.img",
+    "grub-efi-amd64-bin": "/usr/lib/grub/x86_64-efi/modinfo.sh",
+}
 #: Everything the harness needs from Debian 12, installed by ``--fix``.
 APT_PACKAGES = (
     "qemu-system-x86",
@@ -47,6 +56,7 @@ APT_PACKAGES = (
     "libc6-dev",
     "e2fsprogs",
     "busybox-static",
+    *CLOUD_STANDIN_FILES,
 )
 TRACEFS = Path("/sys/kernel/tracing")
 DEBUGFS = Path("/sys/kernel/debug")
@@ -274,6 +284,20 @@ def fix_swtpm_localca(log: Callable[[str], None], root: Path = SWTPM_LOCALCA,
         os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
 
 
+def check_cloud_standin_tools(files: dict[str, str] = CLOUD_STANDIN_FILES) -> Check:
+    """Partitioning, FAT and grub's BIOS and EFI images for ``harness image build
+    cloud-standin`` (not required: only that image and its tests use them)."""
+    missing = [
+        pkg for pkg, what in files.items()
+        if not (Path(what).is_file() if what.startswith("/") else _which(what))
+    ]  # fmt: skip
+    why = "the cloud-image stand-in: GPT, ESP and grub for BIOS and UEFI"
+    if missing:
+        return Check("cloud-standin-tools", False, False, f"{', '.join(missing)} missing ({why})",
+                     f"apt-get install {' '.join(missing)}")
+    return Check("cloud-standin-tools", True, False, f"sfdisk, mkfs.fat, mcopy, grub ({why})")
+
+
 def run_checks() -> list[Check]:
     """Run every check, in the order a person would fix them."""
     return [
@@ -297,6 +321,7 @@ def run_checks() -> list[Check]:
             "virt-xml-validate", "virt-xml-validate", "libvirt-clients", False, "XML validation"
         ),
         _tool_check("xmllint", "xmllint", "libxml2-utils", False, "needed by virt-xml-validate"),
+        check_cloud_standin_tools(),
         check_swtpm_localca(),
     ]
 

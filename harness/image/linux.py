@@ -24,10 +24,10 @@ import subprocess
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -182,6 +182,17 @@ class LinuxImage:
 
 def load_recipe(path: Path = RECIPE_FILE) -> LinuxRecipe:
     """Parse and validate the recipe; errors name the file, the field and a fix."""
+    return parse_recipe(path, LinuxRecipe)
+
+
+_Recipe = TypeVar("_Recipe", bound=BaseModel)
+
+
+def parse_recipe(path: Path, model: type[_Recipe], fix: str = "") -> _Recipe:
+    """Parse the TOML file ``path`` into ``model``; a ValueError names the file and each field.
+
+    ``fix`` (if given) is appended to the message: what to do about it.
+    """
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -189,13 +200,13 @@ def load_recipe(path: Path = RECIPE_FILE) -> LinuxRecipe:
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: invalid TOML: {exc}") from exc
     try:
-        return LinuxRecipe.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"field {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise ValueError(f"{path}: {problems}") from exc
+        raise ValueError(f"{path}: {problems}{fix}") from exc
 
 
 def recipe_files() -> list[Path]:
@@ -258,9 +269,16 @@ def build_linux_image(
     Once ``cancel`` is set the build stops (ImageBuildError), its staging
     directory removed.
     """
+    with cancellable(cancel):
+        return _build_or_lookup(cache, force, progress)
+
+
+@contextlib.contextmanager
+def cancellable(cancel: threading.Event | None) -> Iterator[None]:
+    """Build commands this thread runs inside stop once ``cancel`` is set (see ``_run``)."""
     _build_ctx.cancel = cancel
     try:
-        return _build_or_lookup(cache, force, progress)
+        yield
     finally:
         _build_ctx.cancel = None
 
@@ -319,7 +337,14 @@ def _which(tool: str) -> str | None:
 _build_ctx = threading.local()
 
 
-def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = None) -> None:
+def _run(
+    step: str,
+    argv: list[str],
+    log: Path,
+    fix: str,
+    cwd: Path | None = None,
+    stdin: Path | None = None,
+) -> None:
     """Run one build command, appending its output to ``log``; raise naming the step.
 
     The command runs in its own process group, which is killed whole when the
@@ -331,11 +356,12 @@ def _run(step: str, argv: list[str], log: Path, fix: str, cwd: Path | None = Non
     """
     exe = _which(argv[0]) or argv[0]
     cancel: threading.Event | None = getattr(_build_ctx, "cancel", None)
-    with log.open("ab") as fh:
+    with log.open("ab") as fh, open(stdin or os.devnull, "rb") as inp:
         fh.write(f"\n$ {' '.join(argv)}\n".encode())
         fh.flush()
         proc = subprocess.Popen(
             [exe, *argv[1:]],
+            stdin=inp,
             stdout=fh,
             stderr=subprocess.STDOUT,
             cwd=cwd,
@@ -381,24 +407,7 @@ def _build(recipe: LinuxRecipe, digest: str, stage: Path, debs: Path, say: Progr
             f"fix the compile error in {src}, or install static libc: apt-get install libc6-dev",
         )
 
-    mirror = debian_mirror(recipe.suite)
-    debs.mkdir(parents=True, exist_ok=True)
-    say(f"debootstrap {recipe.suite} from {mirror} (about a minute)")
-    _run(
-        "debootstrap",
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={','.join(recipe.packages)}",
-            f"--cache-dir={debs}",
-            recipe.suite,
-            str(rootfs),
-            mirror,
-        ],
-        log,
-        f"check that {mirror} is reachable and that every package in "
-        f"{RECIPE_FILE} field 'packages' exists in {recipe.suite}",
-    )
+    debootstrap(recipe.suite, recipe.packages, rootfs, debs, log, say, RECIPE_FILE)
 
     say("configuring root file system")
     kernel_release = _configure_rootfs(rootfs, tools_dir, stage, log)
@@ -463,6 +472,37 @@ def _build(recipe: LinuxRecipe, digest: str, stage: Path, debs: Path, say: Progr
     return image
 
 
+def debootstrap(
+    suite: str,
+    packages: list[str],
+    rootfs: Path,
+    debs: Path,
+    log: Path,
+    say: Progress,
+    recipe_file: Path,
+) -> None:
+    """``debootstrap --variant=minbase --include=PACKAGES`` from the mirror apt on the host
+    uses, downloads kept in ``debs``; a failure names ``recipe_file``'s field 'packages'."""
+    mirror = debian_mirror(suite)
+    debs.mkdir(parents=True, exist_ok=True)
+    say(f"debootstrap {suite} from {mirror} (about a minute)")
+    _run(
+        "debootstrap",
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(packages)}",
+            f"--cache-dir={debs}",
+            suite,
+            str(rootfs),
+            mirror,
+        ],
+        log,
+        f"check that {mirror} is reachable and that every package in "
+        f"{recipe_file} field 'packages' exists in {suite}",
+    )
+
+
 def _configure_rootfs(rootfs: Path, tools_dir: Path, stage: Path, log: Path) -> str:
     """Install tools, init, sshd config and keys; return the kernel release."""
     for tool in tools_dir.iterdir():
@@ -525,15 +565,18 @@ def _keygen(path: Path, comment: str, log: Path) -> None:
     )
 
 
-def _package_versions(rootfs: Path) -> dict[str, str]:
-    """Versions of the recorded packages, read from the rootfs' dpkg status."""
+def _package_versions(
+    rootfs: Path, recorded: Iterable[str] = _RECORDED_PACKAGES
+) -> dict[str, str]:
+    """Versions of the ``recorded`` packages, read from the rootfs' dpkg status."""
+    wanted = set(recorded)
     versions: dict[str, str] = {}
     status = rootfs / "var/lib/dpkg/status"
     for block in status.read_text(errors="replace").split("\n\n"):
         fields = dict(
             line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != " "
         )
-        if fields.get("Package") in _RECORDED_PACKAGES and "Version" in fields:
+        if fields.get("Package") in wanted and "Version" in fields:
             versions[fields["Package"]] = fields["Version"]
     return versions
 

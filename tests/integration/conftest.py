@@ -13,6 +13,7 @@ import pytest
 
 from harness.guest.ssh import SshGuest
 from harness.host.facts import choose_accelerator, collect_host_facts
+from harness.image.cloud_standin import CloudStandin, build_cloud_standin
 from harness.image.linux import LinuxImage, build_linux_image
 from harness.paths import cache_dir
 from harness.trace import libbpf
@@ -38,6 +39,14 @@ pytestmark = pytest.mark.integration
 def linux_image() -> LinuxImage:
     """The default guest image, built once (cached across sessions by recipe digest)."""
     return build_linux_image(progress=print)
+
+
+@pytest.fixture(scope="session")
+def cloud_standin() -> CloudStandin:
+    """The stand-in for a vendor cloud image (no keys, no user: cloud-init makes them from a
+    NoCloud seed), built once (cached across sessions by recipe digest); boots with SeaBIOS
+    and with OVMF."""
+    return build_cloud_standin(progress=print)
 
 
 @pytest.fixture(scope="session", autouse=True)
