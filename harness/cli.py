@@ -332,9 +332,13 @@ def image() -> None:
 @click.option("--edition", default="Windows 11 Pro", show_default=True,
               help="windows: the image name inside the ISO's install.wim.")
 @click.option("--iso-sha256", help="windows: the Windows ISO's expected sha256.")
+@click.option("--kernel-package", metavar="NAME",
+              help="linux: the default image with another Debian kernel package (e.g. "
+              "linux-image-amd64): its vmlinuz and an initramfs of its own virtio modules, "
+              "on the same root file system; a VM uses it with kernel_package = NAME.")
 def image_build(
     name: str, force: bool, iso: Path | None, virtio_iso: Path | None, edition: str,
-    iso_sha256: str | None,
+    iso_sha256: str | None, kernel_package: str | None = None,
 ) -> None:
     """Build the NAME image (cached, keyed by a digest of its recipe).
 
@@ -346,8 +350,15 @@ def image_build(
     from harness.run import RunInterrupted, signals_raise
 
     if name == "windows":
+        if kernel_package is not None:
+            raise click.BadParameter("applies to the linux image only",
+                                     param_hint="--kernel-package")
         _build_windows(iso, virtio_iso, edition, iso_sha256, force)
         return
+    if kernel_package is not None:
+        _build_kernel_variant(kernel_package, force)
+        return
+
     if name == "cloud-standin":
         _build_cloud_standin(force)
         return
@@ -374,6 +385,31 @@ def _build_cloud_standin(force: bool) -> None:
         click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
         sys.exit(128 + exc.signum)
     click.echo(f"{img.name} {img.digest[:12]} {img.disk}")
+
+
+def _build_kernel_variant(package: str, force: bool) -> None:
+    """`harness image build linux --kernel-package NAME`: the image, then its kernel variant."""
+    from harness.image.kernel import build_kernel_variant, check_package_name
+    from harness.image.linux import ImageBuildError, build_linux_image
+    from harness.run import RunInterrupted, signals_raise
+
+    if (problem := check_package_name(package)) is not None:
+        raise click.BadParameter(f"{problem}; e.g. linux-image-amd64",
+                                 param_hint="--kernel-package")
+    say = lambda s: click.echo(s, err=True)  # noqa: E731
+    try:
+        with signals_raise():
+            img = build_linux_image(progress=say)
+            variant = build_kernel_variant(package, force=force, progress=say)
+    except RunInterrupted as exc:
+        click.echo(f"interrupted by {exc}: the partial build was removed", err=True)
+        sys.exit(128 + exc.signum)
+    except ImageBuildError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2 if str(exc).startswith("no package") else 1)
+    click.echo(f"{img.name} {img.digest[:12]} {img.directory}")
+    click.echo(f"kernel {variant.release} ({variant.package} {variant.package_version}) "
+               f"{variant.directory}")
 
 
 def _build_windows(

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from harness.host.mmuconfig import HostConfigSpec
@@ -38,6 +46,13 @@ M = TypeVar("M", bound=BaseModel)
 IMAGE_GUEST_KIND: dict[str, GuestKind] = {
     "linux": "linux", "micro": "micro", "paging": "paging", "windows": "windows"
 }
+
+
+#: Images whose VMs may boot a guest kernel under test (kernel, initrd, cmdline,
+#: kernel_package): the harness's own Debian root file system.
+GUEST_KERNEL_IMAGES: tuple[str, ...] = ("linux",)
+#: VM fields ``--set vm.[NAME.]FIELD=VALUE`` may change.
+VM_OVERRIDE_FIELDS = ("kernel", "initrd", "cmdline", "kernel_package")
 
 
 class SpecError(Exception):
@@ -370,6 +385,58 @@ class VmSpec(_Strict):
     #: to a 127.0.0.1 port next to WinRM's (harness/vm/windows.py).
     secure_boot: bool = False
     rdp: bool = False
+
+    #: A guest kernel under test (Linux VMs, harness/image/kernel.py): a bzImage booted
+    #: directly on the image's root file system, with an optional initramfs of its own and
+    #: a command line (default: the image's); or ``kernel_package``, a Debian kernel package
+    #: the default image is booted with (built once: `harness image build linux
+    #: --kernel-package NAME`). Paths are relative to the suite file (``--set``: to the
+    #: current directory); the files are checked before anything boots.
+    kernel: Path | None = Field(default=None, validate_default=True)
+    initrd: Path | None = Field(default=None, validate_default=True)
+    cmdline: str | None = Field(default=None, validate_default=True)
+    kernel_package: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("kernel", "initrd", "cmdline", "kernel_package")
+    @classmethod
+    def _guest_kernel_fields(cls, value: object, info: ValidationInfo) -> object:
+        image, name = info.data.get("image"), info.field_name
+        if value is None or image is None:
+            return value  # unset, or the image itself is wrong: reported there
+        if image not in GUEST_KERNEL_IMAGES:
+            raise ValueError(
+                f"applies to Linux VMs booted by the harness (image = "
+                f"{' or '.join(repr(i) for i in GUEST_KERNEL_IMAGES)}), not {image!r} "
+                f"(fix: drop {name} from this VM)"
+            )
+        if name == "kernel_package":
+            assert isinstance(value, str)
+            if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", value):
+                raise ValueError(
+                    f"{value!r} is not a Debian package name (fix: lower-case letters, digits, "
+                    "'+', '-' and '.', e.g. \"linux-image-amd64\")"
+                )
+            if info.data.get("kernel") is not None:
+                raise ValueError(
+                    "a VM boots kernel (a file) or kernel_package (a Debian package), not both "
+                    "(fix: drop one of them)"
+                )
+        if name == "initrd" and info.data.get("kernel") is None:
+            raise ValueError(
+                "an initrd goes with the kernel it was built for (fix: give kernel = PATH too, "
+                "or drop initrd; a kernel_package brings its own)"
+            )
+        if name == "cmdline":
+            assert isinstance(value, str)
+            if not value.strip() or len(value) > 2048 or any(
+                ord(c) < 32 or ord(c) == 127 for c in value
+            ):
+                raise ValueError(
+                    "must be one line of printable text, at most 2048 characters (fix: "
+                    'e.g. cmdline = "root=/dev/vda rw console=ttyS0 init=/sbin/harness-init"; '
+                    "leave it out to use the image's)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _windows_only(self) -> VmSpec:
@@ -831,9 +898,15 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
                     "keep K, CR3 writes and pages within the limits named",
                 ))
     problems.extend(_check_groups(path, spec))
+    vm_sets = [o for o in overrides if o.startswith(VM_OVERRIDE_PREFIX)]
+    overrides = [o for o in overrides if not o.startswith(VM_OVERRIDE_PREFIX)]
     if overrides:  # checked beside the suite's own problems: one pass shows them all
         spec, override_problems = _apply_overrides(path, spec, workloads, overrides)
         problems.extend(override_problems)
+    if vm_sets:
+        spec, vm_problems = _apply_vm_overrides(path, spec, vm_sets)
+        problems.extend(vm_problems)
+    spec = _guest_kernels(path, spec, problems)
     if problems:
         raise SpecError.combine(problems)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -903,6 +976,120 @@ def _apply_overrides(
         for run in spec.runs
     ]
     return spec.model_copy(update={"runs": runs}), problems
+
+
+#: ``--set vm.FIELD=VALUE`` (a suite of one VM) or ``--set vm.NAME.FIELD=VALUE``: a VM
+#: field, never a workload parameter (no workload may be called "vm").
+VM_OVERRIDE_PREFIX = "vm."
+
+
+def _apply_vm_overrides(
+    path: Path, spec: SuiteSpec, overrides: Sequence[str]
+) -> tuple[SuiteSpec, list[SpecError]]:
+    """The suite with ``vm.[NAME.]FIELD=VALUE`` overrides applied to its VMs, or the problems.
+
+    A path is relative to the current directory (it was typed there); an empty value
+    unsets the field (the image's own kernel again). Setting kernel or kernel_package
+    replaces the other (and kernel_package the initrd): one switch changes the kernel.
+    """
+    problems: list[SpecError] = []
+    vms = {vm.name: vm.model_dump(exclude_unset=True) for vm in spec.vms}
+    fields = ", ".join(VM_OVERRIDE_FIELDS)
+    for text in overrides:
+        field = f"--set {text}"
+        target, sep, raw = text.partition("=")
+        parts = target.split(".")
+        if not sep or len(parts) not in (2, 3) or not all(parts):
+            problems.append(SpecError(
+                path, field, "expected vm.FIELD=VALUE or vm.NAME.FIELD=VALUE",
+                "write e.g. --set vm.kernel=/path/to/bzImage (a suite of one VM) or "
+                "--set vm.NAME.kernel=/path/to/bzImage",
+            ))
+            continue
+        if len(parts) == 2:
+            if len(vms) != 1:
+                problems.append(SpecError(
+                    path, field, f"the suite has {len(vms)} VMs ({', '.join(vms)}): say which",
+                    f"write --set vm.NAME.{parts[1]}=VALUE with NAME one of: {', '.join(vms)}",
+                ))
+                continue
+            name, key = next(iter(vms)), parts[1]
+        else:
+            name, key = parts[1], parts[2]
+        if name not in vms:
+            problems.append(SpecError(
+                path, field, f"the suite has no VM {name!r}{did_you_mean(name, vms)}",
+                f"use one of: {', '.join(vms)}",
+            ))
+            continue
+        if key not in VM_OVERRIDE_FIELDS:
+            problems.append(SpecError(
+                path, field,
+                f"{key!r} is not a VM field --set can change"
+                f"{did_you_mean(key, VM_OVERRIDE_FIELDS)}",
+                f"use one of: {fields} (other VM fields: edit the suite)",
+            ))
+            continue
+        vm = vms[name]
+        image = vm.get("image", "linux")
+        if image not in GUEST_KERNEL_IMAGES:
+            problems.append(SpecError(
+                path, field,
+                f"VM {name!r} boots the {image} image; {key} applies to Linux VMs booted by "
+                f"the harness (image = {' or '.join(repr(i) for i in GUEST_KERNEL_IMAGES)})",
+                "set it on a Linux VM of the suite, or drop this --set",
+            ))
+            continue
+        value: object = raw or None
+        if value is not None and key in ("kernel", "initrd"):
+            value = (Path.cwd() / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        vm[key] = value
+        if key == "kernel" and value is not None:
+            vm.pop("kernel_package", None)
+        if key == "kernel_package" and value is not None:
+            vm.pop("kernel", None)
+            vm.pop("initrd", None)
+    if problems:
+        return spec, problems
+    new_vms: list[VmSpec] = []
+    for i, (name, data) in enumerate(vms.items()):
+        try:
+            new_vms.append(VmSpec.model_validate(data))
+        except ValidationError as exc:
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                problems.append(SpecError(
+                    path, f"--set vm.{name}.{where}" if where else f"vms[{i}]",
+                    err["msg"].removeprefix("Value error, "),
+                ))
+            new_vms.append(spec.vms[i])
+    return spec.model_copy(update={"vms": new_vms}), problems
+
+
+def _guest_kernels(path: Path, spec: SuiteSpec, problems: list[SpecError]) -> SuiteSpec:
+    """Guest kernel and initrd files resolved against the suite's directory and checked
+    (a bzImage, a readable initramfs) before anything boots."""
+    from harness.image.kernel import KernelFileError, check_initrd, kernel_release
+
+    vms = list(spec.vms)
+    for i, vm in enumerate(vms):
+        update: dict[str, Path] = {}
+        for key in ("kernel", "initrd"):
+            given: Path | None = getattr(vm, key)
+            if given is None:
+                continue
+            file = given if given.is_absolute() else path.parent / given
+            try:
+                if key == "kernel":
+                    kernel_release(file)
+                else:
+                    check_initrd(file)
+            except KernelFileError as exc:
+                problems.append(SpecError(path, f"vms[{i}].{key}", exc.reason, exc.fix))
+            update[key] = file
+        if update:
+            vms[i] = vm.model_copy(update=update)
+    return spec.model_copy(update={"vms": vms})
 
 
 def _check_groups(path: Path, spec: SuiteSpec) -> list[SpecError]:

@@ -2,9 +2,11 @@
 
 Two kinds of provenance field:
 
-* **what changed** (the subject of an A/B): host kernel and command line, KVM
-  module parameters, MMU mode, QEMU / libvirt / bpftrace versions, CPU
-  microcode. These are expected to differ; they lead the output.
+* **what changed** (the subject of an A/B): the guest kernel (release and
+  package version, or the booted file's digest), its command line and the
+  guest OS release; host kernel and command line, KVM module parameters, MMU
+  mode, QEMU / libvirt / bpftrace versions, CPU microcode. These are expected
+  to differ; they lead the output.
 * **fairness** (must be equal, or the numbers are not comparable): the guest
   image, accelerator, vCPUs and memory, the probes attached and the tracer
   program, the result schema, host THP mode and CPU model. A difference here
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from harness.host.load import BUSY_SHARE
-from harness.results import RunResult, VmRecord
+from harness.results import GuestIdentity, RunResult, VmRecord
 
 Values = Callable[[RunResult], Iterable[tuple[str, str]]]
 
@@ -78,8 +80,20 @@ def _s(value: object) -> str:
     return str(value)
 
 
+def _guest(attr: str, get: Callable[[GuestIdentity], str | None]) -> Values:
+    """Per VM, a fact of the guest as it booted (only VMs that recorded their identity)."""
+    return lambda r: [(f"vm {vm.name}: {attr}", _s(get(vm.guest_identity)))
+                      for vm in r.vms if vm.guest_identity is not None]
+
+
 #: Fields whose difference is what an A/B comparison is about.
 CHANGES: list[tuple[Values, str]] = [
+    # The guest kernel under test (release and package version, or the file's digest) and
+    # the guest OS: the subject of a guest-kernel A/B, never unfair. The image check below
+    # compares the root file system's recipe, which a kernel under test does not change.
+    (_guest("guest kernel", lambda g: g.kernel_label()), "guest kernel"),
+    (_guest("guest kernel command line", lambda g: g.kernel_cmdline), "guest kernel command line"),
+    (_guest("guest OS", lambda g: g.os_label()), "guest OS release"),
     (_host("kernel_release"), "host kernel"),
     (_host("kernel_cmdline"), "host kernel command line"),
     (_kvm_params, "KVM module parameter"),

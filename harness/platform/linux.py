@@ -28,9 +28,11 @@ succeed (docs/RELIABILITY.md):
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,8 +44,16 @@ from harness.guest.identity import GuestIdentity, try_read_identity
 from harness.guest.ssh import SshGuest
 from harness.host.facts import choose_accelerator
 from harness.image import cache as image_cache
+from harness.image.kernel import (
+    KernelVariant,
+    build_kernel_variant,
+    cached_variant,
+    file_sha256,
+    kernel_release,
+)
 from harness.image.linux import (
     IMAGE_NAME,
+    ImageBuildError,
     LinuxImage,
     build_linux_image,
     cached_linux_image,
@@ -69,6 +79,7 @@ from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
 from harness.vm import configs, lifecycle
 from harness.vm.domain import DomainConfig
+from harness.vm.lifecycle import make_private_dir
 
 TAIL_CHARS = 2000
 #: How long a guest whose SSH connection dropped gets to answer again.
@@ -115,6 +126,13 @@ class LinuxPlatform:
         with self._image_lock:
             return build_linux_image(progress=progress, cancel=cancel)
 
+    def kernel_variant(
+        self, package: str, progress: Callable[[str], None], cancel: threading.Event | None
+    ) -> KernelVariant:
+        """The default image's variant for a Debian kernel package, built on first use."""
+        with self._image_lock:
+            return build_kernel_variant(package, progress=progress, cancel=cancel)
+
     def ssh_port(self) -> int:
         """A free loopback port no other VM of this process was given (they boot at once)."""
         with self._ports_lock:
@@ -135,6 +153,20 @@ class LinuxPlatform:
             kernel, initrd = where / "vmlinuz", where / "initrd.cpio"
             cmdline = load_recipe().cmdline
             note = "<!-- image not built yet: `harness image build linux` creates these paths -->\n"
+        if vm.kernel is not None:
+            kernel, initrd = vm.kernel, vm.initrd  # copied into the run directory at boot
+        elif vm.kernel_package is not None:
+            try:
+                variant = cached_variant(vm.kernel_package)
+            except ImageBuildError as exc:
+                variant, note = None, f"{note}<!-- {exc} -->\n"
+            if variant is not None:
+                kernel, initrd = variant.kernel, variant.initrd
+            else:
+                kernel, initrd = Path("KERNEL-VARIANT/vmlinuz"), Path("KERNEL-VARIANT/initrd.cpio")
+                note += (f"<!-- kernel variant not built yet: `harness image build linux "
+                         f"--kernel-package {vm.kernel_package}` makes it -->\n")
+        cmdline = vm.cmdline or cmdline
         cfg = configs.linux_config(
             name=domain,
             accelerator=accelerator(vm.accelerator),
@@ -172,14 +204,17 @@ class LinuxSession:
             f"vm {vm.name}: image linux: checking cache (builds from Debian packages on first use)"
         )
         image = self.platform.image(rep.step, state.cancel)
+        kernel = self._kernel(image)
         token = state.new_token()
         record = VmRecord(
             name=vm.name,
             boot=self.plan.name,
             domain=lifecycle.domain_name(state.result.run_id, self.plan.name),
             image="linux",
+            # The root file system's recipe: a guest kernel under test is not a different
+            # image (compare lists it under "what changed", from guest_identity).
             image_digest=image.digest,
-            image_packages={"kernel": image.kernel_release, **image.packages},
+            image_packages={**image.packages, "kernel": kernel.release},
             accelerator=accel,
             accelerator_reason=reason,
             vcpus=vm.vcpus,
@@ -191,12 +226,12 @@ class LinuxSession:
             state.result.vms.append(record)
         self.record = record
         state.check_cancel()
-        running = self._start(image, record, teardown)
-        guest = _wait_for_ssh(running, image, vm, state)
+        running = self._start(image, kernel, record, teardown)
+        guest = _wait_for_ssh(running, image, vm, state, kernel)
         teardown.callback(guest.close)
         self._guest, self._running = guest, running
         ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
-        identity = guest_identity(guest, image)
+        identity = guest_identity(guest, kernel, image)
         with state.lock:
             record.boot_to_ready_s = ready_s
             record.guest_identity = identity
@@ -206,10 +241,41 @@ class LinuxSession:
         )
         self.target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
 
+    def _kernel(self, image: LinuxImage) -> BootKernel:
+        """The kernel this boot runs: the image's, a Debian package's variant, or a file."""
+        vm, state = self.plan.vm, self.ctx.state
+        if vm.kernel_package is not None:
+            state.reporter.step(
+                f"vm {vm.name}: kernel package {vm.kernel_package}: checking the cache "
+                "(downloaded and built on first use)"
+            )
+            variant = self.platform.kernel_variant(
+                vm.kernel_package, state.reporter.step, state.cancel
+            )
+            return BootKernel(
+                kernel=variant.kernel, initrd=variant.initrd,
+                cmdline=vm.cmdline or image.cmdline, release=variant.release,
+                sha256=variant.kernel_sha256, package=variant.package,
+                package_version=variant.package_version,
+            )
+        if vm.kernel is not None:
+            return user_kernel(vm.kernel, vm.initrd, vm.cmdline, image,
+                               state.run_dir / f"{self.plan.name}.kernel")
+        package = image_kernel_package(image)
+        return BootKernel(
+            kernel=image.kernel, initrd=image.initrd, cmdline=vm.cmdline or image.cmdline,
+            release=image.kernel_release,
+            sha256=image_cache.recorded_sha256(
+                image.directory, image.kernel.relative_to(image.directory).as_posix()),
+            package=package, package_version=image.packages.get(package or ""),
+        )
+
     def _start(
-        self, image: LinuxImage, record: VmRecord, teardown: Teardown
+        self, image: LinuxImage, kernel: BootKernel, record: VmRecord, teardown: Teardown
     ) -> lifecycle.RunningVm:
         state, vm = self.ctx.state, self.plan.vm
+        if kernel.copied is not None:
+            teardown.callback(shutil.rmtree, kernel.copied, ignore_errors=True)
         overlay = state.run_dir / f"{self.plan.name}.qcow2"
         lifecycle.create_overlay(image.disk, overlay)
         teardown.callback(overlay.unlink, missing_ok=True)
@@ -221,9 +287,9 @@ class LinuxSession:
             accelerator=record.accelerator,
             memory_mib=vm.memory_mib,
             vcpus=vm.vcpus,
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=image.cmdline,
+            kernel=kernel.kernel,
+            initrd=kernel.initrd,
+            cmdline=kernel.cmdline,
             overlay=overlay,
             console_log=console,
             ssh_port=self.platform.ssh_port(),
@@ -336,16 +402,67 @@ class ConsoleWatch:
         return f"the guest kernel panicked: console says {self._found!r}"
 
 
-def guest_identity(guest: Guest, image: LinuxImage) -> GuestIdentity:
+@dataclass(frozen=True)
+class BootKernel:
+    """The kernel a boot runs, and what the result says of it."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    release: str  # from the bzImage header ("" when it names none)
+    sha256: str | None
+    package: str | None = None
+    package_version: str | None = None
+    #: A user's files copied into the run directory (removed with the boot), else None.
+    copied: Path | None = None
+    #: Booted without an initramfs: the kernel must build in virtio and ext4.
+    no_initrd: bool = False
+
+
+def image_kernel_package(image: LinuxImage) -> str | None:
+    """The Debian kernel package the image was built with (its recipe names one)."""
+    return next((p for p in image.packages if p.startswith("linux-image-")), None)
+
+
+def user_kernel(
+    kernel: Path, initrd: Path | None, cmdline: str | None, image: LinuxImage, into: Path
+) -> BootKernel:
+    """A user's kernel (and initrd), copied into the run directory (QEMU reads it from
+    there as the run's files, and a rebuild of the file mid-run cannot change what was
+    booted), its digest taken of the copy.
+
+    Without an initrd of the user's, the image's own tiny initramfs is used when the
+    kernel is the image's release (its modules fit); any other kernel boots with no
+    initramfs, straight onto root=/dev/vda: it must build in virtio_pci, virtio_blk,
+    virtio_net and ext4 (docs/GUEST-KERNELS.md).
+    """
+    release = kernel_release(kernel)
+    into.mkdir(mode=0o750, exist_ok=True)
+    make_private_dir(into)
+    kcopy = into / "vmlinuz"
+    shutil.copyfile(kernel, kcopy)
+    kcopy.chmod(0o640)
+    icopy: Path | None = None
+    if initrd is not None:
+        icopy = into / "initrd"
+        shutil.copyfile(initrd, icopy)
+        icopy.chmod(0o640)
+    elif release and release == image.kernel_release:
+        icopy = image.initrd
+    return BootKernel(
+        kernel=kcopy, initrd=icopy, cmdline=cmdline or image.cmdline, release=release,
+        sha256=file_sha256(kcopy), copied=into, no_initrd=icopy is None,
+    )
+
+
+def guest_identity(guest: Guest, kernel: BootKernel, image: LinuxImage) -> GuestIdentity:
     """What the guest says it is, with what the host booted: the kernel file's digest and
-    package, the base disk's digest (both from the image entry's SHA256SUMS: no hashing)."""
+    package, the base disk's digest (from the image entry's SHA256SUMS: no hashing)."""
     identity = try_read_identity(guest)
-    kernel_package = next((p for p in image.packages if p.startswith("linux-image-")), None)
     return identity.model_copy(update={
-        "kernel_sha256": image_cache.recorded_sha256(
-            image.directory, image.kernel.relative_to(image.directory).as_posix()),
-        "kernel_package": kernel_package,
-        "kernel_package_version": image.packages.get(kernel_package or ""),
+        "kernel_sha256": kernel.sha256,
+        "kernel_package": kernel.package,
+        "kernel_package_version": kernel.package_version,
         "disk_sha256": image_cache.recorded_sha256(
             image.directory, image.disk.relative_to(image.directory).as_posix()),
     })
@@ -357,9 +474,14 @@ def _copy_if_exists(src: Path, dest: Path) -> None:
 
 
 def _wait_for_ssh(
-    running: lifecycle.RunningVm, image: LinuxImage, vm: VmSpec, state: RunState
+    running: lifecycle.RunningVm,
+    image: LinuxImage,
+    vm: VmSpec,
+    state: RunState,
+    kernel: BootKernel | None = None,
 ) -> SshGuest:
     assert running.ssh_port is not None
+    console = ConsoleWatch(running.console_log)
     try:
         return SshGuest.connect(
             "127.0.0.1",
@@ -368,15 +490,34 @@ def _wait_for_ssh(
             key_file=image.ssh_private_key,
             host_key=image.host_key,
             deadline_s=vm.boot_timeout_s,
-            stop_if=state.cancel.is_set,
+            # A kernel that panicked while booting never answers: say so at once.
+            stop_if=lambda: state.cancel.is_set() or console.panic() is not None,
         )
     except GuestError as exc:
         state.check_cancel()  # torn down meanwhile: not a boot failure
+        panicked = console.panic()
+        why = (f"{panicked} while booting" if panicked is not None
+               else f"did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}")
         raise GuestError(
-            f"{vm.name} did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}\n"
+            f"{vm.name}: {why}{_kernel_hint(kernel)}\n"
             f"last console lines ({running.console_log}):\n"
             f"{lifecycle.console_tail(running.console_log)}"
         ) from exc
+
+
+def _kernel_hint(kernel: BootKernel | None) -> str:
+    """What to check when a guest kernel under test does not come up."""
+    if kernel is None or kernel.copied is None:
+        return ""
+    if kernel.no_initrd:
+        return (
+            f" (the kernel {kernel.release or '(release unknown)'} booted with no initramfs, "
+            "straight onto the root disk: it must build in virtio_pci, virtio_blk, virtio_net "
+            "and ext4 (=y), or give initrd = PATH with those modules; a console that ends "
+            "in 'VFS: Unable to mount root fs' means /dev/vda never appeared)"
+        )
+    return (" (a kernel under test with its own initrd: check that the initrd loads virtio_pci, "
+            "virtio_blk, virtio_net and mounts root= from the command line)")
 
 
 def _run_workload(
