@@ -445,14 +445,17 @@ def cache_prune(dry_run: bool) -> None:
     run directories (reaped by the next run) are never touched.
     """
     from harness.image import cache as image_cache
+    from harness.image import cloud_standin
     from harness.image.linux import IMAGE_NAME, recipe_digest
     from harness.paths import cache_root
     from harness.trace import libbpf
 
     root = cache_root()
+    current = {IMAGE_NAME: recipe_digest(),
+               cloud_standin.IMAGE_NAME: cloud_standin.recipe_digest()}
     # Looking creates nothing: cache_dir() and images_root() would make what is missing.
     found = (
-        image_cache.prunable({IMAGE_NAME: recipe_digest()}, root)
+        image_cache.prunable(current, root)
         if (root / "images").is_dir() else []
     ) + (libbpf.prunable_builds(root) if root.is_dir() else [])
     freed = kept = 0

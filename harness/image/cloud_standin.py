@@ -20,7 +20,7 @@ without mounting anything and without loop devices:
 * both grub images embed a two-line config that finds the root by its label
   and reads ``/boot/grub/grub.cfg`` there (serial console, timeout 0);
 * the raw disk is converted to qcow2 (``disk.qcow2``), recorded in
-  ``image.json`` with ``"stand_in": true``.
+  ``image.json`` with ``"stand-in": true``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ CLOUD_CFG = RECIPE_DIR / "99-standin.cfg"
 MANIFEST_NAME = "image.json"
 DISK_NAME = "disk.qcow2"
 #: Bump when the build logic here changes what ends up in the image.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: gfxpayload=text (no "no suitable video mode" under OVMF)
 
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
@@ -278,7 +278,7 @@ class CloudStandin:
         return {
             "format": BUILD_FORMAT,
             "name": self.name,
-            "stand_in": True,
+            "stand-in": True,
             "digest": self.digest,
             "disk": self.disk.relative_to(self.directory).as_posix(),
             "disk_format": "qcow2",
@@ -521,6 +521,7 @@ def grub_cfg(release: str, recipe: StandinRecipe) -> str:
         "set default=0\n"
         "menuentry 'Debian GNU/Linux (cloud-image stand-in)' {\n"
         f"  search --no-floppy --label --set=root {recipe.root_label}\n"
+        "  set gfxpayload=text\n"  # no display: without it OVMF's grub looks for a video mode
         f"  linux /boot/vmlinuz-{release} {recipe.cmdline}\n"
         f"  initrd /boot/initrd.img-{release}\n"
         "}\n"

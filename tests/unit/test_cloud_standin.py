@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from harness.host.doctor import APT_PACKAGES, CLOUD_STANDIN_FILES, check_cloud_standin_tools
+from harness.image import cache as image_cache
 from harness.image import cloud_standin as cs
 from harness.image.linux import ImageBuildError
 
@@ -175,7 +180,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     )  # fmt: skip
     img.write_manifest()
     manifest = (tmp_path / cs.MANIFEST_NAME).read_text()
-    assert '"stand_in": true' in manifest
+    assert '"stand-in": true' in manifest
     assert cs.CloudStandin.from_manifest(tmp_path) == img
     (tmp_path / cs.MANIFEST_NAME).write_text('{"disk": 3}')
     with pytest.raises(ValueError, match=r"image\.json.*'digest'"):
@@ -186,6 +191,7 @@ def test_grub_configs_boot_the_one_kernel_on_the_serial_console() -> None:
     recipe = cs.load_recipe()
     cfg = cs.grub_cfg("6.1.0-99-cloud-amd64", recipe)
     assert "set timeout=0" in cfg
+    assert "set gfxpayload=text" in cfg
     assert "serial --unit=0" in cfg
     assert f"linux /boot/vmlinuz-6.1.0-99-cloud-amd64 {recipe.cmdline}" in cfg
     assert "initrd /boot/initrd.img-6.1.0-99-cloud-amd64" in cfg
@@ -201,10 +207,26 @@ def test_lock_passwords(tmp_path: Path) -> None:
 
 
 def test_doctor_check_names_the_missing_packages() -> None:
-    from harness.host.doctor import APT_PACKAGES, CLOUD_STANDIN_FILES, check_cloud_standin_tools
-
     assert set(CLOUD_STANDIN_FILES) <= set(APT_PACKAGES)  # --fix installs them
     bad = check_cloud_standin_tools({"grub-pc-bin": "/nonexistent/boot.img", "mtools": "no-tool"})
     assert not bad.ok and not bad.required
     assert bad.fix == "apt-get install grub-pc-bin mtools"
     assert set(CLOUD_STANDIN_FILES.values()) >= {"sfdisk", "mkfs.fat", "mcopy"}
+
+
+def test_cache_prune_knows_the_stand_in(tmp_path: Path) -> None:
+    """An entry of an older stand-in recipe goes; the current one stays."""
+    images = image_cache.images_root(tmp_path)
+    now = cs.recipe_digest()[:12]
+    current = images / f"{cs.IMAGE_NAME}-{now}"
+    old = images / f"{cs.IMAGE_NAME}-{'0' * 12 if now[0] != '0' else '1' * 12}"
+    for d in (current, old):
+        d.mkdir()
+        (d / cs.DISK_NAME).write_bytes(b"x" * 1000)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "cache", "prune", "--dry-run"],
+        capture_output=True, text=True, timeout=60, check=True,
+        env=dict(os.environ, HARNESS_CACHE=str(tmp_path)),
+    ).stdout  # fmt: skip
+    assert f"would remove {old} " in out
+    assert str(current) not in out
