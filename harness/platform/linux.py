@@ -496,7 +496,7 @@ def _wait_for_ssh(
     except GuestError as exc:
         state.check_cancel()  # torn down meanwhile: not a boot failure
         panicked = console.panic()
-        why = (f"{panicked} while booting" if panicked is not None
+        why = (f"while booting, {panicked}" if panicked is not None
                else f"did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}")
         raise GuestError(
             f"{vm.name}: {why}{_kernel_hint(kernel)}\n"
