@@ -28,9 +28,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from harness.host.mmuconfig import HostConfigSpec
+from harness.image.cloud_disk import DiskError, check_disk
 from harness.image.paging import PagingImageError, PagingPhase, validate_paging_params
 from harness.paths import SUITES_DIR, WORKLOADS_DIR
 from harness.trace import probes
@@ -38,13 +39,16 @@ from harness.trace.program import DEFAULT_STACK_DEPTH, MAX_STACK_DEPTH
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
 MetricName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+#: A Debian/RPM package name (cloud-init installs it) or a program a workload needs.
+PackageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9+._-]{0,63}$")]
 ParamValue = str | int | float
 GuestKind = Literal["linux", "micro", "paging", "windows"]
 M = TypeVar("M", bound=BaseModel)
 
 #: Which guest kind each built-in image boots; a Windows image joins this table.
 IMAGE_GUEST_KIND: dict[str, GuestKind] = {
-    "linux": "linux", "micro": "micro", "paging": "paging", "windows": "windows"
+    "linux": "linux", "micro": "micro", "paging": "paging", "windows": "windows",
+    "cloud": "linux",  # a Linux image the user brings (harness/platform/cloud.py)
 }
 
 
@@ -249,6 +253,9 @@ class WorkloadSpec(_Strict):
     #: compared: a cold TCG translation cache, the guest's first touch of its memory (EPT
     #: violations / NPF that later repetitions do not pay), page cache and allocator state.
     warmup: int = Field(default=0, ge=0, le=10)
+    #: Programs its commands run in the guest: the harness's own tools are copied into a
+    #: guest that lacks them (cloud guests); a package program a guest lacks skips the run.
+    needs: list[PackageName] = []
 
     @field_validator("params", mode="before")
     @classmethod
@@ -364,7 +371,7 @@ class VmSpec(_Strict):
     """A guest to boot: image, size and accelerator."""
 
     name: Name
-    image: Literal["linux", "micro", "paging", "windows"] = "linux"
+    image: Literal["linux", "micro", "paging", "windows", "cloud"] = "linux"
     vcpus: int = Field(default=1, ge=1, le=64)
     memory_mib: int = Field(default=1024, ge=16)
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
@@ -385,6 +392,57 @@ class VmSpec(_Strict):
     #: to a 127.0.0.1 port next to WinRM's (harness/vm/windows.py).
     secure_boot: bool = False
     rdp: bool = False
+    #: Cloud VMs (image = "cloud", harness/platform/cloud.py): the user's disk image (qcow2
+    #: or raw, relative to the suite file, never written: each boot runs on an overlay),
+    #: the user cloud-init creates, the firmware, and whether the guest may reach outside
+    #: networks (QEMU user networking without restrict=on) so cloud-init installs packages.
+    disk: Path | None = Field(default=None, validate_default=True)
+    os_user: str | None = Field(default=None, validate_default=True)
+    firmware: Literal["bios", "uefi"] = Field(default="bios", validate_default=True)
+    network: bool = Field(default=False, validate_default=True)
+    packages: list[PackageName] = Field(default=[], validate_default=True)
+
+    @field_validator("disk", "os_user", "firmware", "network", "packages")
+    @classmethod
+    def _cloud_fields(cls, value: object, info: ValidationInfo) -> object:
+        image, name = info.data.get("image"), info.field_name
+        if image is None:
+            return value  # the image itself is wrong: reported there
+        if image != "cloud":
+            if value not in (None, "bios", False, []):
+                raise ValueError(
+                    f"applies to image = \"cloud\" only, not {image!r} (fix: drop {name} "
+                    'from this VM, or set image = "cloud")'
+                )
+            return value
+        # Type "missing": not said again once a wrong value there was reported and dropped.
+        if name == "disk" and value is None:
+            raise PydanticCustomError("missing", (
+                'a cloud VM boots a disk image it names (fix: disk = "PATH/TO/IMAGE.qcow2", '
+                "qcow2 or raw, relative to the suite file)"
+            ))
+        if name == "os_user" and value is None:
+            raise PydanticCustomError("missing", (
+                "a cloud VM needs the user cloud-init creates and the harness logs in as "
+                '(fix: os_user = "bench"; any Unix user name but root)'
+            ))
+        if name == "os_user" and isinstance(value, str):
+            if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+                raise ValueError(
+                    f"{value!r} is not a Unix user name (fix: lower-case letters, digits, _ "
+                    "and -, starting with a letter or _, at most 32 characters)"
+                )
+            if value == "root":
+                raise ValueError(
+                    "cloud-init's root login stays disabled (fix: name another user; the "
+                    "harness runs commands as root through its passwordless sudo)"
+                )
+        if name == "packages" and value and not info.data.get("network"):
+            raise ValueError(
+                "cloud-init installs packages from the network, but this VM has none "
+                "(fix: set network = true, or drop packages)"
+            )
+        return value
 
     #: A guest kernel under test (Linux VMs, harness/image/kernel.py): a bzImage booted
     #: directly on the image's root file system, with an optional initramfs of its own and
@@ -898,6 +956,7 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
                     "keep K, CR3 writes and pages within the limits named",
                 ))
     problems.extend(_check_groups(path, spec))
+    spec = _cloud_disks(path, spec, problems)
     vm_sets = [o for o in overrides if o.startswith(VM_OVERRIDE_PREFIX)]
     overrides = [o for o in overrides if not o.startswith(VM_OVERRIDE_PREFIX)]
     if overrides:  # checked beside the suite's own problems: one pass shows them all
@@ -911,6 +970,22 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
         raise SpecError.combine(problems)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return Suite(spec=spec, path=path, sha256=sha, workloads=workloads)
+
+
+def _cloud_disks(path: Path, spec: SuiteSpec, problems: list[SpecError]) -> SuiteSpec:
+    """Cloud VMs' disks read from the suite file's directory, each checked before any boot."""
+    vms = list(spec.vms)
+    for i, vm in enumerate(vms):
+        if vm.image != "cloud" or vm.disk is None:
+            continue
+        # Resolved: the overlays name it as their backing file, whatever links led to it.
+        disk = (path.parent / vm.disk).resolve()
+        try:
+            check_disk(disk)
+        except DiskError as exc:
+            problems.append(SpecError(path, f"vms[{i}].disk", exc.reason, exc.fix))
+        vms[i] = vm.model_copy(update={"disk": disk})
+    return spec.model_copy(update={"vms": vms})
 
 
 def _raw_param_problems(path: Path, data: dict[str, object], search: list[Path]) -> list[SpecError]:

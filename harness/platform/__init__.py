@@ -7,6 +7,7 @@ in :data:`PLATFORMS`; the orchestrator does not change.
 from __future__ import annotations
 
 from harness.platform.base import Platform
+from harness.platform.cloud import CloudPlatform
 from harness.platform.linux import LinuxPlatform
 from harness.platform.micro import MicroPlatform
 from harness.platform.paging import PagingPlatform
@@ -14,7 +15,9 @@ from harness.platform.windows import WindowsPlatform
 
 #: Image kind -> the platform that boots it.
 PLATFORMS: dict[str, Platform] = {
-    p.kind: p for p in (LinuxPlatform(), MicroPlatform(), PagingPlatform(), WindowsPlatform())
+    p.kind: p
+    for p in (LinuxPlatform(), MicroPlatform(), PagingPlatform(), WindowsPlatform(),
+              CloudPlatform())
 }
 
 

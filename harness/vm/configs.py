@@ -66,7 +66,7 @@ def cloud_config(
     network: bool,
 ) -> DomainConfig:
     """A cloud guest: its own bootloader through SeaBIOS or OVMF (``nvram``: a per-boot copy
-    of the variable store), an overlay on the user's disk, the cloud-init seed as a CD."""
+    of the variable store), an overlay on the user's disk, the cloud-init seed (read-only)."""
     return DomainConfig(
         name=name,
         domain_type="kvm" if accelerator == "kvm" else "qemu",
@@ -76,7 +76,7 @@ def cloud_config(
         console_log=console_log,
         disk=overlay,
         ssh_port=ssh_port,
-        cdrom=seed,
+        seed=seed,
         mac=mac,
         outside_network=network,
     )

@@ -90,9 +90,10 @@ class DomainConfig:
     # (libvirt cputune): pinned guests measure the change, not the scheduler's choices.
     vcpu_pins: tuple[int, ...] | None = None
     emulator_pins: tuple[int, ...] | None = None
-    # Cloud guests: a read-only CD (the cloud-init seed), the NIC's MAC address (the seed's
-    # network config matches it), and a network the guest may leave (no restrict=on).
-    cdrom: Path | None = None
+    # Cloud guests: the cloud-init seed as a read-only virtio disk (a CD would need AHCI,
+    # which Debian's cloud kernel lacks), the NIC's MAC address (the seed's network config
+    # matches it), and a network the guest may leave (no restrict=on).
+    seed: Path | None = None
     mac: str | None = None
     outside_network: bool = False
 
@@ -164,12 +165,12 @@ def domain_xml(cfg: DomainConfig) -> str:
         _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         _sub(disk, "source", file=str(cfg.disk))
         _sub(disk, "target", dev="vda", bus="virtio")
-    if cfg.cdrom is not None:
-        cd = _sub(devices, "disk", type="file", device="cdrom")
-        _sub(cd, "driver", name="qemu", type="raw")
-        _sub(cd, "source", file=str(cfg.cdrom))
-        _sub(cd, "target", dev="sda", bus="sata")
-        _sub(cd, "readonly")
+    if cfg.seed is not None:
+        seed = _sub(devices, "disk", type="file", device="disk")
+        _sub(seed, "driver", name="qemu", type="raw")
+        _sub(seed, "source", file=str(cfg.seed))
+        _sub(seed, "target", dev="vdb", bus="virtio")
+        _sub(seed, "readonly")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(cfg.console_log))
     _sub(serial, "target", port="0")
