@@ -30,7 +30,9 @@ SET_OPTION = click.option(
     "overrides",
     multiple=True,
     metavar="WORKLOAD.PARAM=VALUE",
-    help="Override a workload parameter for this run (repeatable); checked against its bounds.",
+    help="Override a workload parameter for this run (repeatable); checked against its bounds. "
+    "vm.[NAME.]FIELD=VALUE sets a Linux VM's kernel, initrd, cmdline or kernel_package "
+    "(docs/GUEST-KERNELS.md).",
 )
 
 
