@@ -1117,7 +1117,7 @@ def _apply_vm_overrides(
             continue
         value: object = raw or None
         if value is not None and key in ("kernel", "initrd"):
-            value = (Path.cwd() / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+            value = Path(raw) if Path(raw).is_absolute() else Path.cwd() / raw
         vm[key] = value
         if key == "kernel" and value is not None:
             vm.pop("kernel_package", None)

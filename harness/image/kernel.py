@@ -125,6 +125,9 @@ def kernel_release(path: Path) -> str:
     except OSError as exc:
         raise KernelFileError(f"{path} cannot be read ({exc.strerror})",
                               "make it readable by the user running the harness") from None
+    except ValueError as exc:  # a NUL in the path
+        raise KernelFileError(f"{str(path)!r} is not a usable path ({exc})",
+                              "give the path of the kernel file") from None
     if head[_HDRS_OFFSET:_HDRS_OFFSET + 4] != b"HdrS":
         raise KernelFileError(
             f"{path} is not an x86 bzImage (no boot protocol magic 'HdrS' at offset 0x202): "
@@ -156,6 +159,9 @@ def check_initrd(path: Path) -> None:
     except OSError as exc:
         raise KernelFileError(f"{path} cannot be read ({exc.strerror})",
                               "make it readable by the user running the harness") from None
+    except ValueError as exc:  # a NUL in the path
+        raise KernelFileError(f"{str(path)!r} is not a usable path ({exc})",
+                              "give the path of the initramfs file") from None
     if not head:
         raise KernelFileError(f"{path} is empty", "give the initramfs built for this kernel")
 

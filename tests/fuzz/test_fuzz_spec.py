@@ -141,8 +141,13 @@ def test_bytes_that_are_not_utf8(raw: bytes) -> None:
 @given(st.lists(st.one_of(
     NASTY_TEXT,
     st.builds(lambda p, v: f"w.{p}={v}", st.sampled_from(["mib", "label", "x", ""]), NASTY_TEXT),
+    # VM fields (guest kernels): paths, command lines and package names from anywhere.
+    st.builds(lambda p, v: f"vm.{p}={v}", st.sampled_from(
+        ["kernel", "initrd", "cmdline", "kernel_package", "g.kernel", "h.kernel", "x", ""]),
+        NASTY_TEXT),
 ), max_size=4))
 @example(["w.mib=" + "9" * 5000])
+@example(["vm.kernel=\x00", "vm.initrd=" + "a" * 5000, "vm.cmdline=\x1b[2J"])
 @example(["w.mib=1e999", "w.label=\x1b[2J"])
 def test_set_values(overrides: list[str]) -> None:
     with tree(toml_document(SUITE), toml_document(WORKLOAD)) as path:

@@ -102,6 +102,10 @@ def test_missing_kernel_and_initrd_files(tmp_path: Path) -> None:
     with pytest.raises(KernelFileError, match="is empty"):
         check_initrd(tmp_path / "empty")
     assert looks_like(b"\xfd7zXZ\x00rest") == "an xz file"
+    with pytest.raises(KernelFileError, match="not a usable path"):
+        kernel_release(tmp_path / "a\0b")
+    with pytest.raises(KernelFileError, match="not a usable path"):
+        check_initrd(tmp_path / "a\0b")
 
 
 # --------------------------------------------------------------------------- VM fields
