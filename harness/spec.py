@@ -962,10 +962,11 @@ def load_suite(path: Path, overrides: Sequence[str] = ()) -> Suite:
     if overrides:  # checked beside the suite's own problems: one pass shows them all
         spec, override_problems = _apply_overrides(path, spec, workloads, overrides)
         problems.extend(override_problems)
+    set_by: dict[tuple[str, str], str] = {}
     if vm_sets:
-        spec, vm_problems = _apply_vm_overrides(path, spec, vm_sets)
+        spec, vm_problems = _apply_vm_overrides(path, spec, vm_sets, set_by)
         problems.extend(vm_problems)
-    spec = _guest_kernels(path, spec, problems)
+    spec = _guest_kernels(path, spec, problems, set_by)
     if problems:
         raise SpecError.combine(problems)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -1059,7 +1060,8 @@ VM_OVERRIDE_PREFIX = "vm."
 
 
 def _apply_vm_overrides(
-    path: Path, spec: SuiteSpec, overrides: Sequence[str]
+    path: Path, spec: SuiteSpec, overrides: Sequence[str],
+    set_by: dict[tuple[str, str], str] | None = None,
 ) -> tuple[SuiteSpec, list[SpecError]]:
     """The suite with ``vm.[NAME.]FIELD=VALUE`` overrides applied to its VMs, or the problems.
 
@@ -1068,6 +1070,7 @@ def _apply_vm_overrides(
     replaces the other (and kernel_package the initrd): one switch changes the kernel.
     """
     problems: list[SpecError] = []
+    set_by = {} if set_by is None else set_by
     vms = {vm.name: vm.model_dump(exclude_unset=True) for vm in spec.vms}
     fields = ", ".join(VM_OVERRIDE_FIELDS)
     for text in overrides:
@@ -1119,6 +1122,7 @@ def _apply_vm_overrides(
         if value is not None and key in ("kernel", "initrd"):
             value = Path(raw) if Path(raw).is_absolute() else Path.cwd() / raw
         vm[key] = value
+        set_by[(name, key)] = field
         if key == "kernel" and value is not None:
             vm.pop("kernel_package", None)
         if key == "kernel_package" and value is not None:
@@ -1134,16 +1138,20 @@ def _apply_vm_overrides(
             for err in exc.errors():
                 where = ".".join(str(p) for p in err["loc"])
                 problems.append(SpecError(
-                    path, f"--set vm.{name}.{where}" if where else f"vms[{i}]",
+                    path, set_by.get((name, where), f"vms[{i}].{where}" if where else f"vms[{i}]"),
                     err["msg"].removeprefix("Value error, "),
                 ))
             new_vms.append(spec.vms[i])
     return spec.model_copy(update={"vms": new_vms}), problems
 
 
-def _guest_kernels(path: Path, spec: SuiteSpec, problems: list[SpecError]) -> SuiteSpec:
+def _guest_kernels(
+    path: Path, spec: SuiteSpec, problems: list[SpecError],
+    set_by: dict[tuple[str, str], str] | None = None,
+) -> SuiteSpec:
     """Guest kernel and initrd files resolved against the suite's directory and checked
-    (a bzImage, a readable initramfs) before anything boots."""
+    (a bzImage, a readable initramfs) before anything boots; a problem names the
+    ``--set`` that gave the file (``set_by``), else the suite's field."""
     from harness.image.kernel import KernelFileError, check_initrd, kernel_release
 
     vms = list(spec.vms)
@@ -1160,7 +1168,8 @@ def _guest_kernels(path: Path, spec: SuiteSpec, problems: list[SpecError]) -> Su
                 else:
                     check_initrd(file)
             except KernelFileError as exc:
-                problems.append(SpecError(path, f"vms[{i}].{key}", exc.reason, exc.fix))
+                field = (set_by or {}).get((vm.name, key), f"vms[{i}].{key}")
+                problems.append(SpecError(path, field, exc.reason, exc.fix))
             update[key] = file
         if update:
             vms[i] = vm.model_copy(update=update)

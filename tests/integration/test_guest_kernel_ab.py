@@ -29,10 +29,12 @@ SUITE = Path(__file__).parent / "suites" / "guest-kernel-ab.toml"
 GENERIC = "linux-image-amd64"
 
 
-def harness(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def harness(
+    *args: str | Path, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
     )
 
 
@@ -91,6 +93,7 @@ def test_bad_kernel_input_exits_2_before_anything_boots(
                    "--set", setting.format(text=text), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert says in proc.stderr and "fix:" in proc.stderr
+    assert f"--set {setting.format(text=text)}" in proc.stderr  # the problem names the --set
     # Refused while the suite loads: no result file (a run writes one before it boots).
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
     assert leaks_since(before) == []
@@ -120,4 +123,34 @@ def test_a_kernel_without_built_in_drivers_is_reported_as_soon_as_it_panics(
     assert took < 120, f"took {took:.0f} s: the panic was not noticed while waiting for SSH"
     (result,) = [load(p) for p in (tmp_path / "results").glob("*.json")]
     assert result.status == "failed"
+    assert leaks_since(before) == []
+
+
+def test_a_kernel_file_with_its_own_initrd_boots_and_is_recorded_by_digest(
+    tmp_path: Path,
+) -> None:
+    """A kernel and initrd given as files (here: the generic kernel variant's, copied out
+    as a user would have them) boot on the image's root file system; the result records
+    the file's sha256 and no package."""
+    variant = build_kernel_variant(GENERIC)
+    kernel, initrd = tmp_path / "bzImage", tmp_path / "initrd.img"
+    kernel.write_bytes(variant.kernel.read_bytes())
+    initrd.write_bytes(variant.initrd.read_bytes())
+    suite = tmp_path / "file.toml"
+    suite.write_text(
+        'name = "kernel-file"\n[[vms]]\nname = "g"\nmemory_mib = 512\n'
+        '[[runs]]\nworkload = "page-touch"\nvm = "g"\nwarmup = 0\nparams = { mib = 16 }\n'
+        "[trace]\nenabled = false\n"
+    )
+    before = host_state()
+    proc = harness("run", suite, "--results-dir", tmp_path / "results", "--quiet",
+                   "--set", f"vm.kernel={kernel}", "--set", "vm.g.initrd=initrd.img",
+                   timeout=300, cwd=tmp_path)  # a --set path is relative to where it is typed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [load(p) for p in (tmp_path / "results").glob("*.json")]
+    ident = result.vms[0].guest_identity
+    assert ident is not None
+    assert ident.kernel_release == variant.release
+    assert ident.kernel_sha256 == variant.kernel_sha256 and ident.kernel_package is None
+    assert ident.kernel_label() == f"{variant.release} (sha256 {variant.kernel_sha256[:12]})"
     assert leaks_since(before) == []

@@ -190,6 +190,7 @@ def test_set_of_a_vm_field_names_what_is_wrong(
     with pytest.raises(SpecError) as err:
         load_suite(path, [override])
     assert says in str(err.value), str(err.value)
+    assert err.value.field == f"--set {override}"  # the problem names the --set, not the file
 
 
 def test_validate_with_a_kernel_on_a_micro_vm_exits_2(tree: Path) -> None:
