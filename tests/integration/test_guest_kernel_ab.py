@@ -4,10 +4,11 @@ that package's vmlinuz and an initramfs of its own virtio modules), the same sho
 on both, then `harness compare`. Plus the bad input a kernel engineer meets first: a file
 that is not a kernel, a kernel on a micro VM: exit 2 before anything boots.
 
-Measured here (2 cores, TCG, other sessions' four QEMUs running: load 5-6): the whole
-file 157 s, of it 102 s for the two sides (untraced: the tracer sees no KVM event under
-TCG and its start cost about 20 s a boot), 40 s for the panicking kernel, 4 s for each
-refusal; the variant is built once in about 10 s (a 70 MB download) and then cached.
+Measured here (2 cores, TCG): the whole file 97 s with other sessions mostly idle (load
+3 falling to 1): 58 s for the two sides (untraced: the tracer sees no KVM event under
+TCG and its start cost about 20 s a boot), 18 s for the kernel file, 16 s for the
+panicking kernel, 2 s for each refusal; 157 s with four other QEMUs running (load 5-6).
+The variant is built once in about 10 s (a 70 MB download) and then cached.
 """
 
 from __future__ import annotations
