@@ -44,9 +44,26 @@ class BadInput(click.ClickException):
 
 def _load(suite: Path | None, overrides: tuple[str, ...] = ()) -> Suite:
     try:
-        return load_suite(suite or default_suite_path(), overrides)
+        loaded = load_suite(suite or default_suite_path(), overrides)
     except SpecError as exc:
         raise BadInput(str(exc)) from exc
+    _check_kernel_packages(loaded)
+    return loaded
+
+
+def _check_kernel_packages(loaded: Suite) -> None:
+    """Every VM's kernel_package is one apt knows (a local lookup in its package lists),
+    so a misspelt package is bad input before anything is built or booted (exit 2)."""
+    from harness.image.kernel import candidate_version
+    from harness.image.linux import ImageBuildError
+
+    for i, vm in enumerate(loaded.spec.vms):
+        if vm.kernel_package is None:
+            continue
+        try:
+            candidate_version(vm.kernel_package)
+        except ImageBuildError as exc:
+            raise BadInput(f"{loaded.path}: vms[{i}].kernel_package: {exc}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

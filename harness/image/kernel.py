@@ -241,8 +241,8 @@ def candidate_version(package: str) -> tuple[str, str]:
     fields = _control_fields(out.stdout)
     if out.returncode != 0 or "Version" not in fields:
         raise ImageBuildError(
-            f"no package {package!r} in apt's package lists: check the name "
-            "(apt-cache search --names-only '^linux-image-') or run apt-get update"
+            f"no package {package!r} in apt's package lists (fix: check the name, e.g. "
+            "apt-cache search --names-only '^linux-image-'; or run apt-get update)"
         )
     return fields["Version"], fields.get("Depends", "")
 

@@ -310,3 +310,11 @@ def test_a_users_kernel_is_copied_and_gets_the_images_initramfs_only_if_it_fits(
     (tmp_path / "my-initrd").write_bytes(b"070701")
     own = user_kernel(mine, tmp_path / "my-initrd", None, image, tmp_path / "run3")
     assert own.initrd == tmp_path / "run3" / "initrd" and own.copied == tmp_path / "run3"
+
+
+def test_a_kernel_package_apt_does_not_know_is_bad_input_before_booting(tree: Path) -> None:
+    path = suite(tree)
+    out = CliRunner().invoke(main, ["validate", str(path), "--set",
+                                    "vm.kernel_package=linux-image-no-such-flavour-zz"])
+    assert out.exit_code == 2, out.output
+    assert "vms[0].kernel_package" in out.output
