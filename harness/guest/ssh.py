@@ -178,9 +178,10 @@ class SshGuest:
             "n=0; for try in 1 2 3 4 5 6 7 8 9 10; do "
             f"ps=$(pgrep -f {pattern}); "
             '[ -z "$ps" ] && { echo killed $n; exit 0; }; '
-            # One kill per group: the phase's sh and its subshell share theirs.
+            # One kill per group: the phase's sh and its subshell share theirs. No "--"
+            # before the group: dash's kill (a guest's /bin/sh) calls it an illegal number.
             "for g in $(for p in $ps; do ps -o pgid= -p $p; done | tr -d ' ' | sort -u); do "
-            "kill -KILL -- -$g 2>/dev/null && n=$((n+1)); "
+            "kill -KILL -$g 2>/dev/null && n=$((n+1)); "
             "done; sleep 0.2; done; "
             f"echo left $(pgrep -f {pattern} | tr '\\n' ' '); exit 1"
         )
