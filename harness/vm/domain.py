@@ -160,17 +160,18 @@ def domain_xml(cfg: DomainConfig) -> str:
 
     devices = _sub(dom, "devices")
     _sub(devices, "emulator", cfg.emulator)
-    if cfg.disk is not None:
+    for path, dev, driver, readonly in (
+        (cfg.disk, "vda", {"type": "qcow2", "cache": "unsafe", "discard": "unmap"}, False),
+        (cfg.seed, "vdb", {"type": "raw"}, True),
+    ):
+        if path is None:
+            continue
         disk = _sub(devices, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
-        _sub(disk, "source", file=str(cfg.disk))
-        _sub(disk, "target", dev="vda", bus="virtio")
-    if cfg.seed is not None:
-        seed = _sub(devices, "disk", type="file", device="disk")
-        _sub(seed, "driver", name="qemu", type="raw")
-        _sub(seed, "source", file=str(cfg.seed))
-        _sub(seed, "target", dev="vdb", bus="virtio")
-        _sub(seed, "readonly")
+        _sub(disk, "driver", name="qemu", **driver)
+        _sub(disk, "source", file=str(path))
+        _sub(disk, "target", dev=dev, bus="virtio")
+        if readonly:
+            _sub(disk, "readonly")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(cfg.console_log))
     _sub(serial, "target", port="0")
