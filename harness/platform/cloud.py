@@ -174,6 +174,7 @@ class CloudSession(LinuxSession):
         guest = self._wait_for_ssh(running, seed)
         teardown.callback(guest.close)
         self._guest, self._running = guest, running
+        _check_root(guest, vm.os_user)
         deadline = running.started_ns / 1e9 + vm.boot_timeout_s  # monotonic, as started_ns
         record.image_packages["cloud_init"] = _wait_for_cloud_init(guest, running, deadline)
         needs = {n for item in self.plan.items for n in item.workload.needs}
@@ -308,6 +309,18 @@ def _ssh_diagnosis(last: GuestError | None, user: str) -> str:
                 "connection, but no SSH banner ever came: has the image sshd, enabled at "
                 "boot, and did the guest boot at all?)")
     return text
+
+
+def _check_root(guest: SshGuest, user: str) -> None:
+    """Every command runs as root through ``sudo -n``: CloudError if ``user`` cannot."""
+    out = guest.run("id -u", timeout_s=60)
+    if out.exit_status != 0 or out.stdout.strip() != "0":
+        raise CloudError(
+            f"{user!r} logged in, but the harness's commands cannot run as root through "
+            f"`sudo -n` ({(out.stderr or out.stdout).strip()[-300:] or 'no answer'}): the "
+            "workloads need root (fix: an image with sudo whose cloud-init applies the seed's "
+            "`sudo: ALL=(ALL) NOPASSWD:ALL` for the user)"
+        )
 
 
 def _wait_for_cloud_init(guest: SshGuest, running: lifecycle.RunningVm, deadline: float) -> str:

@@ -18,7 +18,13 @@ from harness.image import guest_tools
 from harness.image.linux import GUEST_TOOL_SOURCES, GUEST_TOOLS
 from harness.paths import WORKLOADS_DIR
 from harness.platform import platform_for
-from harness.platform.cloud import _ssh_diagnosis, cloud_init_errors, sudo_wrap
+from harness.platform.cloud import (
+    CloudError,
+    _check_root,
+    _ssh_diagnosis,
+    cloud_init_errors,
+    sudo_wrap,
+)
 from harness.spec import load_workload
 from harness.vm.configs import cloud_config
 from harness.vm.domain import QEMU_NS, domain_xml
@@ -198,3 +204,23 @@ def test_every_linux_workload_declares_the_programs_it_runs() -> None:
         used = {w for w in words if w in known} - {"python3"}
         assert used <= set(workload.needs), (workload.name, used - set(workload.needs))
         assert set(workload.needs) <= known, workload.name
+
+
+class SudoGuest:
+    """Answers ``id -u`` as a guest whose sudo does (or does not) let the user in."""
+
+    def __init__(self, works: bool) -> None:
+        self.works = works
+
+    def run(self, command: str, *, timeout_s: float) -> CommandResult:
+        assert command == "id -u"
+        if self.works:
+            return CommandResult(0, "0\n", "", 0, 0)
+        return CommandResult(1, "", "sudo: a password is required\n", 0, 0)
+
+
+def test_a_user_without_passwordless_sudo_is_a_boot_failure_that_says_why() -> None:
+    _check_root(SudoGuest(True), "bench")  # type: ignore[arg-type]
+    with pytest.raises(CloudError, match="sudo: a password is required") as info:
+        _check_root(SudoGuest(False), "bench")  # type: ignore[arg-type]
+    assert "'bench'" in str(info.value) and "NOPASSWD" in str(info.value)
