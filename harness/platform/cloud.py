@@ -173,6 +173,9 @@ class CloudSession(LinuxSession):
         running, seed = self._start_cloud(disk, record, teardown)
         guest = self._wait_for_ssh(running, seed)
         teardown.callback(guest.close)
+        state.reporter.step(f"vm {vm.name}: SSH answered after "
+                            f"{(time.monotonic_ns() - running.started_ns) / 1e9:.1f} s; "
+                            "waiting for cloud-init to finish")
         self._guest, self._running = guest, running
         _check_root(guest, vm.os_user)
         deadline = running.started_ns / 1e9 + vm.boot_timeout_s  # monotonic, as started_ns
@@ -192,7 +195,8 @@ class CloudSession(LinuxSession):
             record.guest_identity = identity
             state.save()
         state.reporter.step(
-            f"vm {vm.name}: SSH ready after {ready_s:.1f} s ({vm.firmware}, {accel}: {reason}); "
+            f"vm {vm.name}: ready after {ready_s:.1f} s, cloud-init "
+            f"{record.image_packages['cloud_init']} ({vm.firmware}, {accel}: {reason}); "
             f"{identity.os_label()}, kernel {identity.kernel_label()}"
             + (f"; copied {', '.join(copied)}" if copied else "")
         )

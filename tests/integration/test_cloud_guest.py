@@ -66,6 +66,7 @@ def test_stand_in_cloud_image_boots_with_bios_and_uefi(
     results = tmp_path / "results"
     proc = run_harness(suite, results, timeout=600)
     data = only_result(results)
+    print("\n".join(line for line in proc.stderr.splitlines() if "after" in line))
     # kv-store, skipped (no redis in the image), and cloud-hang, past its timeout, are work
     # asked for and not done: the run is "failed" (exit 1) with no error; the rest is ok.
     assert (proc.returncode, data["status"], data["errors"]) == (1, "failed", []), (
