@@ -79,6 +79,9 @@ def user_data(user: str, client_public: str, host: KeyPair, packages: list[str])
             "lock_passwd": True,
             "ssh_authorized_keys": [f"{client_public} kvm-harness"],
         }],
+        # The hostname in /etc/hosts: otherwise sudo looks it up in DNS before every command
+        # (a wait inside each phase where the guest has no network, a warning everywhere).
+        "manage_etc_hosts": True,
         "ssh_pwauth": False,
         "disable_root": True,
         "ssh_deletekeys": True,

@@ -99,6 +99,7 @@ def test_stand_in_cloud_image_boots_with_bios_and_uefi(
         (phase,) = touch["phases"]
         assert phase["metrics"]["first_touch_mib_per_s"] > 0
         assert phase["metrics"]["retouch_mib_per_s"] > 0
+        assert "unable to resolve host" not in phase["stderr_tail"]  # /etc/hosts has the name
         stress = runs[(vm_name, "stress-ng-vm")]
         assert stress["status"] == "ok", stress
         assert stress["phases"][0]["metrics"]["bogo_ops"] > 0

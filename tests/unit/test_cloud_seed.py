@@ -65,6 +65,7 @@ def test_user_data_is_cloud_config_with_the_user_keys_and_no_way_in_but_the_key(
     assert user["lock_passwd"] is True
     assert [k.split()[:2] for k in user["ssh_authorized_keys"]] == [client_public]
     assert config["ssh_pwauth"] is False and config["disable_root"] is True
+    assert config["manage_etc_hosts"] is True  # sudo resolves the hostname without DNS
     assert config["package_upgrade"] is False and config["package_update"] is False
     assert "packages" not in config
     assert config["ssh_deletekeys"] is True and config["ssh_genkeytypes"] == []
