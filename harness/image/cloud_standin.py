@@ -61,7 +61,7 @@ CLOUD_CFG = RECIPE_DIR / "99-standin.cfg"
 MANIFEST_NAME = "image.json"
 DISK_NAME = "disk.qcow2"
 #: Bump when the build logic here changes what ends up in the image.
-BUILD_FORMAT = 2  # 2: gfxpayload=text (no "no suitable video mode" under OVMF)
+BUILD_FORMAT = 2  # 2: gfxpayload=text in grub.cfg, "stand-in" in the manifest
 
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
@@ -521,7 +521,7 @@ def grub_cfg(release: str, recipe: StandinRecipe) -> str:
         "set default=0\n"
         "menuentry 'Debian GNU/Linux (cloud-image stand-in)' {\n"
         f"  search --no-floppy --label --set=root {recipe.root_label}\n"
-        "  set gfxpayload=text\n"  # no display: without it OVMF's grub looks for a video mode
+        "  set gfxpayload=text\n"  # VGA text under SeaBIOS; OVMF with no display: "blind mode"
         f"  linux /boot/vmlinuz-{release} {recipe.cmdline}\n"
         f"  initrd /boot/initrd.img-{release}\n"
         "}\n"

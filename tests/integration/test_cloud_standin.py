@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from harness.guest.ssh import SshGuest
 from harness.image import cloud_standin as cs
 from harness.vm import lifecycle
 from harness.vm.windows import OVMF_CODE, OVMF_VARS
@@ -137,15 +139,23 @@ class Boot:
     banner: str = ""
     error: str = ""
     leftover_nvram: bool = False
+    guest_said: str = ""  # over SSH, the host key pinned from cloud-init's console report
 
 
-def boot_once(image: cs.CloudStandin, firmware: str, workdir: Path, pubkey: str) -> Boot:
+def console_host_key(console: str) -> str:
+    """The ed25519 host key cloud-init printed between its SSH HOST KEY KEYS lines."""
+    block = console.split(KEYS_BEGIN, 1)[-1] if KEYS_BEGIN in console else ""
+    found = re.search(r"ssh-ed25519 (AAAA[0-9A-Za-z+/=]+)", block)
+    return f"ssh-ed25519 {found.group(1)}" if found else ""
+
+
+def boot_once(image: cs.CloudStandin, firmware: str, workdir: Path, key: Path) -> Boot:
     """Boot an overlay of the stand-in until cloud-init is done and sshd answers; destroy it."""
     out = Boot(firmware)
     name = lifecycle.domain_name(f"standin{int(time.time())}", firmware)
     overlay = workdir / f"{firmware}.qcow2"
     lifecycle.create_overlay(image.disk, overlay)
-    seed = make_seed(workdir, firmware, pubkey)
+    seed = make_seed(workdir, firmware, key.with_suffix(".pub").read_text().strip())
     console = workdir / f"{firmware}.console.log"
     console.touch(mode=0o600)
     nvram = workdir / f"{firmware}_VARS.fd"
@@ -171,6 +181,15 @@ def boot_once(image: cs.CloudStandin, firmware: str, workdir: Path, pubkey: str)
                 break
             time.sleep(1)
         out.console = console.read_text(errors="replace")
+        if not out.error:
+            guest = SshGuest.connect("127.0.0.1", port, user="tester", key_file=key,
+                                     host_key=console_host_key(out.console), deadline_s=60)
+            try:
+                said = guest.run("hostname; sudo -n true && echo sudo-ok; cloud-init status",
+                                 timeout_s=60)
+                out.guest_said = said.stdout
+            finally:
+                guest.close()
     finally:
         lifecycle.destroy(vm)
         conn.close()
@@ -231,18 +250,18 @@ def test_layout_of_the_built_disk(cloud_standin: cs.CloudStandin, raw_disk: Path
 
 
 def test_boots_with_seabios_and_ovmf(cloud_standin: cs.CloudStandin) -> None:
-    """Both firmwares at once (two VMs, one vCPU each): cloud-init done, sshd listening."""
+    """Both firmwares at once (two VMs, one vCPU each): cloud-init done, sshd listening, and
+    the seed's user logs in with the host key cloud-init reported on the console pinned."""
     results: dict[str, Boot] = {}
     before = host_state()
     with vm_workdir("standin-") as workdir:
         key = workdir / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True)
-        pubkey = key.with_suffix(".pub").read_text().strip()
 
         def run(fw: str) -> None:
             try:
-                results[fw] = boot_once(cloud_standin, fw, workdir, pubkey)
+                results[fw] = boot_once(cloud_standin, fw, workdir, key)
             except Exception as exc:  # reported below, with the other firmware's outcome
                 results[fw] = Boot(fw, error=f"{type(exc).__name__}: {exc}")
 
@@ -262,6 +281,9 @@ def test_boots_with_seabios_and_ovmf(cloud_standin: cs.CloudStandin) -> None:
         assert KEYS_BEGIN in b.console and "ssh-ed25519 " in b.console, f"{fw}\n{tail}"
         assert "DataSourceNoCloud" in b.console, f"{fw}: not the NoCloud seed\n{tail}"
         assert not b.leftover_nvram, f"{fw}: overlay or NVRAM left behind"
+        # The seed's user with its key, sudo without a password, the seed's hostname.
+        assert b.guest_said.split()[:2] == [fw, "sudo-ok"], b.guest_said
+        assert "status: done" in b.guest_said, b.guest_said
     assert "BdsDxe" in results["uefi"].console or "UEFI" in results["uefi"].console
     conn = lifecycle.connect()
     try:
