@@ -38,6 +38,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness.vm.lifecycle import PRIVATE_FILE_MODE, make_private_dir
 
 VOLUME_ID = "cidata"
+#: Debian and Ubuntu start no service a package installs while this says "exit 101".
+POLICY_RC_D = (
+    "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d"
+)
 #: The guest NIC's name in the network config (cloud-init names the matched NIC so).
 NIC_NAME = "eth0"
 
@@ -93,6 +97,10 @@ def user_data(user: str, client_public: str, host: KeyPair, packages: list[str])
     }
     if packages:
         config["packages"] = list(packages)
+        # Installed, not started (as in the default image): a workload starts what it
+        # measures, and no package's daemon runs beside it (redis-server's own service
+        # would hold kv-store's port). Debian's policy-rc.d, written before packages go in.
+        config["bootcmd"] = [["sh", "-c", POLICY_RC_D]]
     return "#cloud-config\n" + json.dumps(config, indent=2) + "\n"
 
 

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML  # a YAML parser the test extras have (through check-jsonschema)
 
-from harness.image.cloudinit import CloudSeed, write_seed
+from harness.image.cloudinit import (
+    POLICY_RC_D,
+    CloudSeed,
+    new_key_pair,
+    user_data,
+    write_seed,
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -90,6 +96,9 @@ def test_packages_are_installed_only_when_asked(tmp_path: Path) -> None:
     config = load_yaml(read_iso(seed.iso, tmp_path / "out")["user-data"])
     assert config["packages"] == ["redis-server", "redis-tools"]
     assert config["package_update"] is True and config["package_upgrade"] is False
+    # Installed, not started: Debian's policy-rc.d written at boot, before the packages.
+    assert config["bootcmd"] == [["sh", "-c", POLICY_RC_D]]
+    assert "bootcmd" not in load_yaml(user_data("u", "ssh-ed25519 AAAA", new_key_pair(), []))
 
 
 def test_keys_and_seed_are_private_fresh_per_boot_and_removed(tmp_path: Path) -> None:
