@@ -368,18 +368,17 @@ def image_build(
     from harness.image.linux import build_linux_image
     from harness.run import RunInterrupted, signals_raise
 
+    if kernel_package is not None and name != "linux":
+        raise click.BadParameter(f"applies to the linux image only, not {name}",
+                                 param_hint="--kernel-package")
     if name == "windows":
-        if kernel_package is not None:
-            raise click.BadParameter("applies to the linux image only",
-                                     param_hint="--kernel-package")
         _build_windows(iso, virtio_iso, edition, iso_sha256, force)
+        return
+    if name == "cloud-standin":
+        _build_cloud_standin(force)
         return
     if kernel_package is not None:
         _build_kernel_variant(kernel_package, force)
-        return
-
-    if name == "cloud-standin":
-        _build_cloud_standin(force)
         return
 
     try:
