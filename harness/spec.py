@@ -54,7 +54,7 @@ IMAGE_GUEST_KIND: dict[str, GuestKind] = {
 
 #: Images whose VMs may boot a guest kernel under test (kernel, initrd, cmdline,
 #: kernel_package): the harness's own Debian root file system.
-GUEST_KERNEL_IMAGES: tuple[str, ...] = ("linux",)
+GUEST_KERNEL_IMAGES: tuple[str, ...] = ("linux", "cloud")
 #: VM fields ``--set vm.[NAME.]FIELD=VALUE`` may change.
 VM_OVERRIDE_FIELDS = ("kernel", "initrd", "cmdline", "kernel_package")
 
@@ -469,6 +469,13 @@ class VmSpec(_Strict):
             )
         if name == "kernel_package":
             assert isinstance(value, str)
+            if image == "cloud":
+                raise ValueError(
+                    "kernel variants are built for the default image's root file system, not a "
+                    "cloud disk (fix: give the kernel file, its initrd and a cmdline with the "
+                    "disk's root=, e.g. kernel = \"vmlinuz\", initrd = \"initrd.img\", "
+                    "cmdline = \"root=LABEL=cloudimg-rootfs ro console=ttyS0\")"
+                )
             if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", value):
                 raise ValueError(
                     f"{value!r} is not a Debian package name (fix: lower-case letters, digits, "
@@ -495,6 +502,17 @@ class VmSpec(_Strict):
                     "leave it out to use the image's)"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _cloud_kernel_needs_cmdline(self) -> VmSpec:
+        # The default image's cmdline knows its own root; a cloud disk's root is its own.
+        if self.image == "cloud" and self.kernel is not None and self.cmdline is None:
+            raise ValueError(
+                "a cloud VM booted with kernel = PATH needs the cmdline that finds its disk's "
+                "root (fix: cmdline = \"root=LABEL=cloudimg-rootfs ro console=ttyS0\" or what "
+                "the image's own bootloader passes, see its /proc/cmdline)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _windows_only(self) -> VmSpec:

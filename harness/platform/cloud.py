@@ -3,7 +3,9 @@
 What a kernel or cloud engineer benchmarks is their own guest: a
 distribution's cloud image or their production image. The harness boots it
 as it is, through the image's own bootloader (SeaBIOS, or OVMF with a
-per-boot NVRAM), on a qcow2 overlay (the disk is never written), with a
+per-boot NVRAM) or with a guest kernel under test booted directly (``kernel``,
+``initrd``, ``cmdline``: the Linux platform's copy-and-hash), on a qcow2
+overlay (the disk is never written), with a
 per-boot cloud-init NoCloud seed as a read-only virtio disk (cloudinit.py): a
 fresh SSH key for ``os_user``, passwordless sudo, and a host key made on the
 host, the only one accepted. Readiness is SSH answering with that key, then
@@ -28,6 +30,7 @@ import dataclasses
 import re
 import secrets
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -45,14 +48,20 @@ from harness.platform.base import (
     with_host_memory,
     with_pinning,
 )
-from harness.platform.linux import LinuxPlatform, LinuxSession, _copy_if_exists
+from harness.platform.linux import (
+    BootKernel,
+    LinuxPlatform,
+    LinuxSession,
+    _copy_if_exists,
+    user_kernel,
+)
 from harness.results import VmRecord, WorkloadRun
 from harness.runstate import Teardown
 from harness.spec import VmSpec
 from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
 from harness.vm import configs, lifecycle
-from harness.vm.domain import DomainConfig
+from harness.vm.domain import DomainConfig, KernelBoot
 
 #: Console lines that are cloud-init's own errors (its log lines and Python tracebacks).
 CLOUD_INIT_ERROR = re.compile(
@@ -110,14 +119,17 @@ class CloudPlatform(LinuxPlatform):
         self, vm: VmSpec, domain: str, run_dir: Path, accelerator: ChooseAccelerator
     ) -> tuple[DomainConfig, str]:
         """The cloud domain; seed, overlay and NVRAM paths are those of a run's boot."""
+        kernel = (KernelBoot(vm.kernel, vm.initrd, vm.cmdline or "")
+                  if vm.kernel is not None else None)
         cfg = _config(vm, domain, accelerator(vm.accelerator), run_dir, vm.name, 2222,
-                      "52:54:00:00:00:01")
+                      "52:54:00:00:00:01", kernel)
         note = f"<!-- overlay on {vm.disk}; the seed and MAC address are made per boot -->\n"
         return with_pinning(cfg, vm), note
 
 
 def _config(
-    vm: VmSpec, domain: str, accel: str, run_dir: Path, boot: str, port: int, mac: str
+    vm: VmSpec, domain: str, accel: str, run_dir: Path, boot: str, port: int, mac: str,
+    kernel: KernelBoot | None = None,
 ) -> DomainConfig:
     return configs.cloud_config(
         name=domain,
@@ -132,6 +144,7 @@ def _config(
         console_log=run_dir / f"{boot}.console.log",
         ssh_port=port,
         network=vm.network,
+        kernel=kernel,
     )
 
 
@@ -154,6 +167,11 @@ class CloudSession(LinuxSession):
             raise CloudError(f"VM {vm.name}: disk: {exc}") from exc
         state.reporter.step(f"vm {vm.name}: disk {disk.path} ({disk.format}): sha256")
         digest = disk_sha256(disk.path)
+        kernel: BootKernel | None = None
+        if vm.kernel is not None:  # a guest kernel under test, booted directly on the disk
+            kernel = user_kernel(vm.kernel, vm.initrd, vm.cmdline, None,
+                                 state.run_dir / f"{self.plan.name}.kernel")
+            teardown.callback(shutil.rmtree, kernel.copied, ignore_errors=True)
         tools = guest_tools.build_guest_tools()
         accel, reason = choose_accelerator(vm.accelerator, self.ctx.facts)
         token = state.new_token()
@@ -162,7 +180,9 @@ class CloudSession(LinuxSession):
             domain=lifecycle.domain_name(state.result.run_id, self.plan.name),
             image="cloud", image_digest=digest,
             image_packages={"disk": str(disk.path), "disk_format": disk.format,
-                            "firmware": vm.firmware, "network": str(vm.network).lower()},
+                            "firmware": "direct kernel boot" if kernel else vm.firmware,
+                            "network": str(vm.network).lower(),
+                            **({"kernel": kernel.release} if kernel else {})},
             accelerator=accel, accelerator_reason=reason, vcpus=vm.vcpus,
             memory_mib=vm.memory_mib, marker_token=token, group=self.plan.group,
         )
@@ -170,7 +190,7 @@ class CloudSession(LinuxSession):
             state.result.vms.append(record)
         self.record = record
         state.check_cancel()
-        running, seed = self._start_cloud(disk, record, teardown)
+        running, seed = self._start_cloud(disk, record, teardown, kernel)
         guest = self._wait_for_ssh(running, seed)
         teardown.callback(guest.close)
         state.reporter.step(f"vm {vm.name}: SSH answered after "
@@ -189,21 +209,23 @@ class CloudSession(LinuxSession):
             for item in self.plan.items if lacking & set(item.workload.needs)
         }
         ready_s = round((time.monotonic_ns() - running.started_ns) / 1e9, 3)
-        identity = try_read_identity(guest).model_copy(update={"disk_sha256": digest})
+        identity = try_read_identity(guest).model_copy(update={
+            "disk_sha256": digest, "kernel_sha256": kernel.sha256 if kernel else None})
         with state.lock:
             record.boot_to_ready_s = ready_s
             record.guest_identity = identity
             state.save()
         state.reporter.step(
             f"vm {vm.name}: ready after {ready_s:.1f} s, cloud-init "
-            f"{record.image_packages['cloud_init']} ({vm.firmware}, {accel}: {reason}); "
+            f"{record.image_packages['cloud_init']} "
+            f"({record.image_packages['firmware']}, {accel}: {reason}); "
             f"{identity.os_label()}, kernel {identity.kernel_label()}"
             + (f"; copied {', '.join(copied)}" if copied else "")
         )
         self.target = TraceTarget(vm=vm.name, pid=running.pid, token=token)
 
     def _start_cloud(
-        self, disk: DiskInfo, record: VmRecord, teardown: Teardown
+        self, disk: DiskInfo, record: VmRecord, teardown: Teardown, kernel: BootKernel | None
     ) -> tuple[lifecycle.RunningVm, CloudSeed]:
         """Seed, overlay and domain, each undone by ``teardown`` (after the domain is gone)."""
         state, vm, boot = self.ctx.state, self.plan.vm, self.plan.name
@@ -214,8 +236,9 @@ class CloudSession(LinuxSession):
             instance_id=instance, packages=vm.packages if vm.network else [],
         )
         teardown.callback(seed.remove)
+        direct = KernelBoot(kernel.kernel, kernel.initrd, kernel.cmdline) if kernel else None
         cfg = _config(vm, record.domain, record.accelerator, state.run_dir, boot,
-                      self.cloud.ssh_port(), seed.mac)
+                      self.cloud.ssh_port(), seed.mac, direct)
         cfg = with_pinning(with_host_memory(cfg, self.ctx), vm)
         assert cfg.disk is not None
         lifecycle.create_overlay(disk.path, cfg.disk, disk.format)
@@ -224,7 +247,8 @@ class CloudSession(LinuxSession):
         teardown.callback(nvram.unlink, missing_ok=True)
         kept = state.path.with_name(f"{state.path.stem}.{cfg.console_log.name}")
         record.console_log = str(kept)
-        state.reporter.step(f"vm {vm.name}: starting {record.domain} ({vm.firmware}, cloud-init)")
+        how = f"kernel {kernel.release or kernel.kernel.name}" if kernel else vm.firmware
+        state.reporter.step(f"vm {vm.name}: starting {record.domain} ({how}, cloud-init)")
         try:
             running = lifecycle.start_forwarded(self.ctx.conn, cfg, self.cloud.ssh_port)
         except lifecycle.VmError as exc:

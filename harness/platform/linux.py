@@ -425,7 +425,7 @@ def image_kernel_package(image: LinuxImage) -> str | None:
 
 
 def user_kernel(
-    kernel: Path, initrd: Path | None, cmdline: str | None, image: LinuxImage, into: Path
+    kernel: Path, initrd: Path | None, cmdline: str | None, image: LinuxImage | None, into: Path
 ) -> BootKernel:
     """A user's kernel (and initrd), copied into the run directory (QEMU reads it from
     there as the run's files, and a rebuild of the file mid-run cannot change what was
@@ -434,7 +434,8 @@ def user_kernel(
     Without an initrd of the user's, the image's own tiny initramfs is used when the
     kernel is the image's release (its modules fit); any other kernel boots with no
     initramfs, straight onto root=/dev/vda: it must build in virtio_pci, virtio_blk,
-    virtio_net and ext4 (docs/GUEST-KERNELS.md).
+    virtio_net and ext4 (docs/GUEST-KERNELS.md). ``image`` None: a cloud disk's kernel,
+    with the initrd and cmdline given (spec validation requires the cmdline).
     """
     release = kernel_release(kernel)
     into.mkdir(mode=0o750, exist_ok=True)
@@ -447,10 +448,11 @@ def user_kernel(
         icopy = into / "initrd"
         shutil.copyfile(initrd, icopy)
         icopy.chmod(0o640)
-    elif release and release == image.kernel_release:
+    elif image is not None and release and release == image.kernel_release:
         icopy = image.initrd
+    boot_cmdline = cmdline or (image.cmdline if image is not None else "")
     return BootKernel(
-        kernel=kcopy, initrd=icopy, cmdline=cmdline or image.cmdline, release=release,
+        kernel=kcopy, initrd=icopy, cmdline=boot_cmdline, release=release,
         sha256=file_sha256(kcopy), copied=into, no_initrd=icopy is None,
     )
 

@@ -64,15 +64,17 @@ def cloud_config(
     console_log: Path,
     ssh_port: int,
     network: bool,
+    kernel: KernelBoot | None = None,
 ) -> DomainConfig:
     """A cloud guest: its own bootloader through SeaBIOS or OVMF (``nvram``: a per-boot copy
-    of the variable store), an overlay on the user's disk, the cloud-init seed (read-only)."""
+    of the variable store), or ``kernel`` booted directly (a guest kernel under test); an
+    overlay on the user's disk, the cloud-init seed (read-only)."""
     return DomainConfig(
         name=name,
         domain_type="kvm" if accelerator == "kvm" else "qemu",
         memory_mib=memory_mib,
         vcpus=vcpus,
-        boot=FirmwareBoot(firmware, nvram if firmware == "uefi" else None),
+        boot=kernel or FirmwareBoot(firmware, nvram if firmware == "uefi" else None),
         console_log=console_log,
         disk=overlay,
         ssh_port=ssh_port,

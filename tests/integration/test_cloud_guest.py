@@ -7,7 +7,9 @@ reaches SSH with the seed's host key pinned, runs page-touch (copied in) and
 stress-ng (found in the image), records a workload whose package program the
 image lacks as skipped, and leaves nothing behind. Bad input is refused
 before booting; a guest that never answers SSH fails its boot with the
-console quoted, and still leaves nothing behind.
+console quoted, and still leaves nothing behind. A third VM boots the
+stand-in's own kernel and initrd directly on the same disk (a guest kernel
+under test on a cloud image).
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ pytestmark = pytest.mark.integration
 SUITE = Path(__file__).parent / "suites" / "cloud-standin.toml"
 
 
-def with_disk(tmp_path: Path, disk: Path, edit: dict[str, str] | None = None) -> Path:
-    """A copy of the suite in ``tmp_path`` with ``disk`` linked beside it (and text replaced)."""
+def with_disk(
+    tmp_path: Path, disk: Path, edit: dict[str, str] | None = None, extra: str = ""
+) -> Path:
+    """A copy of the suite in ``tmp_path`` with ``disk`` linked beside it (text replaced,
+    ``extra`` appended)."""
     (tmp_path / "cloud-standin.qcow2").symlink_to(disk)
     shutil.copytree(SUITE.parent / "cloud-workloads", tmp_path / "cloud-workloads")
     text = SUITE.read_text()
@@ -41,8 +46,53 @@ def with_disk(tmp_path: Path, disk: Path, edit: dict[str, str] | None = None) ->
         assert old in text, old
         text = text.replace(old, new)
     suite = tmp_path / SUITE.name
-    suite.write_text(text)
+    suite.write_text(text + extra)
     return suite
+
+
+#: The stand-in's own kernel booted directly on its disk (no bootloader), with a command
+#: line of the test's: a guest kernel under test on a cloud image.
+DIRECT_CMDLINE_MARK = "harness.direct_boot=1"
+DIRECT_VM = """
+[[vms]]
+name = "cloud-kernel"
+image = "cloud"
+disk = "cloud-standin.qcow2"
+os_user = "bench"
+kernel = "vmlinuz"
+initrd = "initrd.img"
+cmdline = "{cmdline} {mark}"
+vcpus = 1
+memory_mib = 512
+accelerator = "tcg"
+boot_timeout_s = 420
+
+[[runs]]
+workload = "page-touch"
+vm = "cloud-kernel"
+params = {{ mib = 16, passes = 2 }}
+warmup = 0
+"""
+
+
+def extract_kernel(image: CloudStandin, into: Path) -> tuple[Path, Path]:
+    """The stand-in's /boot/vmlinuz-* and initrd.img-*, read with debugfs at the root
+    partition's offset of a raw copy (nothing mounted)."""
+    from harness.image import cloud_standin as cs
+
+    raw = into / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image.disk), str(raw)], check=True)
+    recipe = cs.load_recipe()
+    root = cs.disk_layout(recipe.disk_gib, recipe.esp_mib, recipe.root_label).root
+    out = []
+    for name, dest in ((f"vmlinuz-{image.kernel_release}", "vmlinuz"),
+                       (f"initrd.img-{image.kernel_release}", "initrd.img")):
+        subprocess.run(["debugfs", "-R", f"dump /boot/{name} {into / dest}",
+                        f"{raw}?offset={root.offset}"], check=True, capture_output=True)
+        assert (into / dest).stat().st_size > 0, f"{name} not in the stand-in's /boot"
+        out.append(into / dest)
+    raw.unlink()
+    return out[0], out[1]
 
 
 def left_in_run_dir(run_id: str) -> list[Path]:
@@ -62,9 +112,15 @@ def assert_nothing_left(data: dict[str, Any], results: Path) -> None:
 def test_stand_in_cloud_image_boots_with_bios_and_uefi(
     tmp_path: Path, cloud_standin: CloudStandin
 ) -> None:
-    suite = with_disk(tmp_path, cloud_standin.disk)
+    kernel, _initrd = extract_kernel(cloud_standin, tmp_path)
+    suite = with_disk(
+        tmp_path, cloud_standin.disk,
+        edit={'vms = ["cloud-bios", "cloud-uefi"]': 'vms = ["cloud-bios", "cloud-uefi", '
+              '"cloud-kernel"]'},
+        extra=DIRECT_VM.format(cmdline=cloud_standin.cmdline, mark=DIRECT_CMDLINE_MARK),
+    )
     results = tmp_path / "results"
-    proc = run_harness(suite, results, timeout=600)
+    proc = run_harness(suite, results, timeout=900)
     data = only_result(results)
     print("\n".join(line for line in proc.stderr.splitlines() if "after" in line))
     # kv-store, skipped (no redis in the image), and cloud-hang, past its timeout, are work
@@ -74,7 +130,7 @@ def test_stand_in_cloud_image_boots_with_bios_and_uefi(
     tools = build_guest_tools()
     disk_sha = hashlib.sha256(cloud_standin.disk.read_bytes()).hexdigest()
     vms = {vm["name"]: vm for vm in data["vms"]}
-    assert set(vms) == {"cloud-bios", "cloud-uefi"}
+    assert set(vms) == {"cloud-bios", "cloud-uefi", "cloud-kernel"}
     for firmware in ("bios", "uefi"):
         vm = vms[f"cloud-{firmware}"]
         assert vm["image"] == "cloud" and vm["group"] == "firmwares"
@@ -91,6 +147,16 @@ def test_stand_in_cloud_image_boots_with_bios_and_uefi(
               f"{vm['boot_to_ready_s']:.1f} s")
         console = Path(vm["console_log"])
         assert console.parent == results and console.stat().st_size > 0
+    # The kernel under test: booted directly (no firmware's bootloader), with the test's
+    # command line, recorded by the digest of the file the host booted.
+    direct = vms["cloud-kernel"]
+    assert direct["image_packages"]["firmware"] == "direct kernel boot"
+    assert direct["image_packages"]["kernel"] == cloud_standin.kernel_release
+    identity = direct["guest_identity"]
+    assert DIRECT_CMDLINE_MARK in identity["kernel_cmdline"]
+    assert identity["kernel_sha256"] == hashlib.sha256(kernel.read_bytes()).hexdigest()
+    assert identity["kernel_release"] == cloud_standin.kernel_release
+    assert identity["disk_sha256"] == disk_sha
 
     runs = {(r["vm"], r["workload"]): r for r in data["runs"]}
     for vm_name in vms:
@@ -100,6 +166,8 @@ def test_stand_in_cloud_image_boots_with_bios_and_uefi(
         assert phase["metrics"]["first_touch_mib_per_s"] > 0
         assert phase["metrics"]["retouch_mib_per_s"] > 0
         assert "unable to resolve host" not in phase["stderr_tail"]  # /etc/hosts has the name
+        if vm_name == "cloud-kernel":
+            continue  # page-touch only
         stress = runs[(vm_name, "stress-ng-vm")]
         assert stress["status"] == "ok", stress
         assert stress["phases"][0]["metrics"]["bogo_ops"] > 0

@@ -91,6 +91,31 @@ def test_cloud_domains_validate_against_libvirts_schema(tmp_path: Path, firmware
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_cloud_kernel_under_test_boots_directly_on_the_disk(tmp_path: Path) -> None:
+    from harness.vm.domain import KernelBoot
+
+    xml = domain_xml(cloud_config(
+        name="kvmh-test-cloud", accelerator="tcg", memory_mib=1024, vcpus=1, firmware="uefi",
+        nvram=tmp_path / "c.VARS.fd", overlay=tmp_path / "c.qcow2",
+        seed=tmp_path / "c.cloud-init" / "seed.iso", mac="52:54:00:12:34:56",
+        console_log=tmp_path / "c.console.log", ssh_port=40022, network=False,
+        kernel=KernelBoot(tmp_path / "vmlinuz", tmp_path / "initrd", "root=LABEL=r ro"),
+    ))
+    os_el = ET.fromstring(xml).find("os")
+    assert os_el is not None
+    assert os_el.findtext("kernel") == str(tmp_path / "vmlinuz")
+    assert os_el.findtext("initrd") == str(tmp_path / "initrd")
+    assert os_el.findtext("cmdline") == "root=LABEL=r ro"
+    assert os_el.find("loader") is None and os_el.find("nvram") is None  # no firmware boot
+    assert str(tmp_path / "c.cloud-init" / "seed.iso") in xml  # the seed still goes in
+    if shutil.which("virt-xml-validate") is not None:
+        f = tmp_path / "d.xml"
+        f.write_text(xml)
+        proc = subprocess.run(["virt-xml-validate", str(f), "domain"], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+
+
 def test_vm_xml_prints_a_cloud_vm(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "1M"],
                    check=True)

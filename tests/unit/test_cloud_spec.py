@@ -177,3 +177,39 @@ def test_disk_digest_is_cached_until_the_file_changes(tmp_path: Path) -> None:
 def test_disk_error_carries_reason_and_fix() -> None:
     err = DiskError("r", "f")
     assert (err.reason, err.fix, str(err)) == ("r", "f", "r (fix: f)")
+
+
+# A guest kernel under test on a cloud disk (direct kernel boot, no bootloader).
+def test_a_cloud_vm_takes_a_kernel_initrd_and_cmdline(tmp_path: Path) -> None:
+    from tests.unit.test_guest_kernel import bzimage
+
+    (tmp_path / "suites").mkdir()
+    qcow2(tmp_path / "suites" / "img.qcow2")
+    bzimage(tmp_path / "suites" / "vmlinuz")
+    (tmp_path / "suites" / "initrd.img").write_bytes(b"070701" + b"\0" * 200)
+    path = suite(tmp_path, 'image = "cloud"\ndisk = "img.qcow2"\nos_user = "bench"\n'
+                 'kernel = "vmlinuz"\ninitrd = "initrd.img"\n'
+                 'cmdline = "root=LABEL=cloudimg-rootfs ro console=ttyS0"')
+    vm = load_suite(path).spec.vms[0]
+    assert (vm.kernel, vm.initrd) == (tmp_path / "suites" / "vmlinuz",
+                                      tmp_path / "suites" / "initrd.img")
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason", "fix"),
+    [
+        ('kernel = "vmlinuz"', "needs the cmdline that finds its disk's root", "cmdline = "),
+        ('kernel_package = "linux-image-amd64"', "not a cloud disk", "give the kernel file"),
+    ],
+)
+def test_a_cloud_kernel_needs_its_cmdline_and_no_kernel_variant(
+    tmp_path: Path, lines: str, reason: str, fix: str
+) -> None:
+    from tests.unit.test_guest_kernel import bzimage
+
+    qcow2(tmp_path / "x.qcow2")
+    (tmp_path / "suites").mkdir()
+    bzimage(tmp_path / "suites" / "vmlinuz")
+    err = problem(suite(tmp_path, f'image = "cloud"\ndisk = "../x.qcow2"\nos_user = "bench"\n'
+                                  f"{lines}"))
+    assert any(reason in p.reason and fix in str(p) for p in err.problems), str(err)
