@@ -498,10 +498,10 @@ def _wait_for_ssh(
     except GuestError as exc:
         state.check_cancel()  # torn down meanwhile: not a boot failure
         panicked = console.panic()
-        why = (f"while booting, {panicked}" if panicked is not None
-               else f"did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}")
+        why = (f": while booting, {panicked}" if panicked is not None
+               else f" did not answer SSH within {vm.boot_timeout_s:.0f} s: {exc}")
         raise GuestError(
-            f"{vm.name}: {why}{_kernel_hint(kernel)}\n"
+            f"{vm.name}{why}{_kernel_hint(kernel)}\n"
             f"last console lines ({running.console_log}):\n"
             f"{lifecycle.console_tail(running.console_log)}"
         ) from exc
