@@ -78,7 +78,7 @@ SUITES: list[tuple[str, str, dict[str, str], list[str]]] = [
         "missing-image",
         GOOD_SUITE.format(image="windows-11", vcpus=1, workload="micro-touch"),
         {},
-        ["suite.toml:6", "vms[0].image", "'linux', 'micro', 'paging' or 'windows'"],
+        ["suite.toml:6", "vms[0].image", "'linux', 'micro', 'paging', 'windows' or 'cloud'"],
     ),
     (
         "unknown-workload",
