@@ -271,12 +271,27 @@ def shutdown_reason(name: str) -> str | None:
     return found[-1] if found else None
 
 
+#: How long a domain "shutting down" is watched for where it goes (a transient domain
+#: destroyed from outside passes through that state for a moment before it is gone).
+SHUTTING_DOWN_WAIT_S = 3.0
+
+
 def why_not_running(vm: RunningVm) -> str | None:
     """None while the domain runs; else what happened to it, in words, for a result file.
 
     Tells a lost libvirtd connection (the domain's state is then unknown) from a
     domain that is gone (destroyed from outside, QEMU exited) or stopped.
     """
+    deadline = time.monotonic() + SHUTTING_DOWN_WAIT_S
+    while True:
+        said, passing = _why_not_running(vm)
+        if not passing or time.monotonic() > deadline:
+            return said
+        time.sleep(0.1)
+
+
+def _why_not_running(vm: RunningVm) -> tuple[str | None, bool]:
+    """What happened to the domain, and whether that is a state it only passes through."""
     try:
         state, reason = vm.domain.state()
     except libvirt.libvirtError as exc:
@@ -284,17 +299,17 @@ def why_not_running(vm: RunningVm) -> str | None:
             return (
                 f"{LIBVIRTD_LOST} ({exc}): libvirtd stopped or restarted; "
                 f"the state of domain {vm.name} is unknown"
-            )
+            ), False
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             said = shutdown_reason(vm.name)
             how = f"libvirt logged 'shutting down, reason={said}'" if said else "no libvirt log"
             return (
                 f"domain {vm.name} is gone: destroyed from outside the harness, or QEMU "
                 f"(pid {vm.pid}) exited ({how})"
-            )
-        return f"cannot ask libvirt about domain {vm.name}: {exc}"
+            ), False
+        return f"cannot ask libvirt about domain {vm.name}: {exc}", False
     if state == libvirt.VIR_DOMAIN_RUNNING:
-        return None
+        return None, False
     names = {
         libvirt.VIR_DOMAIN_PAUSED: "paused",
         libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
@@ -302,7 +317,9 @@ def why_not_running(vm: RunningVm) -> str | None:
         libvirt.VIR_DOMAIN_CRASHED: "crashed",
         libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by the guest",
     }
-    return f"domain {vm.name} is {names.get(state, f'in state {state}')} (reason code {reason})"
+    said = f"domain {vm.name} is {names.get(state, f'in state {state}')} (reason code {reason})"
+    # A transient domain destroyed from outside is "shutting down" for a moment, then gone.
+    return said, state == libvirt.VIR_DOMAIN_SHUTDOWN
 
 
 def destroy(vm: RunningVm) -> None:

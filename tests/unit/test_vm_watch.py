@@ -71,3 +71,27 @@ def test_console_watch_finds_a_panic_split_across_reads(tmp_path: Path) -> None:
 
 def test_console_watch_without_a_file(tmp_path: Path) -> None:
     assert ConsoleWatch(tmp_path / "missing.log").panic() is None
+
+
+def test_a_domain_caught_shutting_down_on_its_way_out_is_reported_gone(
+    conn: libvirt.virConnect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `virsh destroy` from outside: libvirt shows the transient domain as "shutting down"
+    # for a moment (seen in a fault test under load), then it is gone. The report must be
+    # the end state, not the moment in between.
+    vm = running(conn, "kvmh-watch-going", tmp_path)
+    real = vm.domain
+    asked = {"n": 0}
+
+    class Passing:
+        def state(self) -> list[int]:
+            asked["n"] += 1
+            if asked["n"] < 3:
+                return [libvirt.VIR_DOMAIN_SHUTDOWN, 0]
+            if real.isActive():
+                real.destroy()
+            return list(real.state())  # raises: no domain
+
+    monkeypatch.setattr(vm, "domain", Passing())
+    why = why_not_running(vm)
+    assert why is not None and "kvmh-watch-going is gone" in why and asked["n"] == 3
