@@ -39,8 +39,13 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         prerequisite_missing("wine64 is not installed")
     prefix = tmp_path_factory.mktemp("wineprefix")
     env = {**os.environ, "WINEPREFIX": str(prefix), "WINEDEBUG": "-all", "DISPLAY": ""}
-    subprocess.run([WINE, "wineboot", "--init"], env=env, check=True, capture_output=True,
-                   timeout=120)
+    # One wineserver and one set of Wine's own services for the module: otherwise each
+    # program starts them anew (about 2 s each). Started with no pipe of a test's, since
+    # the services outlive the program that started them.
+    subprocess.run(["/usr/lib/wine/wineserver64", "-p"], env=env, check=True, timeout=60)
+    subprocess.run([WINE, "wineboot", "--init"], env=env, check=True, timeout=120,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     yield env
     subprocess.run(["/usr/lib/wine/wineserver64", "-k"], env=env, check=False)
 
@@ -161,22 +166,28 @@ def _cross(src: str, exe: Path) -> Path:
     return exe
 
 
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory, wine: dict[str, str]) -> Path:
+    """The WinRS stand-in; the marker double and the phase wrapper in C:\\kvm-harness."""
+    tools = Path(wine["WINEPREFIX"]) / "drive_c" / "kvm-harness"
+    tools.mkdir(parents=True, exist_ok=True)
+    _cross(MARKER_DOUBLE_C, tools / "kvm-marker.exe")
+    build_phase_exe(tools)
+    return _cross(WINRS_LAUNCH_C, tmp_path_factory.mktemp("winrs") / "winrs-launch.exe")
+
+
 @pytest.mark.parametrize(("command", "status"), [
     ("echo in-phase & exit /b 3", 3),  # the closing marker runs all the same
     ("echo in-phase", 0),
     ('echo "in-phase & <quoted>" & echo ^%x^% 100%% & exit 4', 4),  # nothing escapes early
 ])
 def test_phase_command_marks_around_and_keeps_the_exit_status(
-    tmp_path: Path, wine: dict[str, str], command: str, status: int
+    tmp_path: Path, wine: dict[str, str], launch: Path, command: str, status: int
 ) -> None:
     from harness.guest.winrm import Secret, WinrmGuest, WinrmTarget
 
     tools = Path(wine["WINEPREFIX"]) / "drive_c" / "kvm-harness"
-    tools.mkdir(parents=True, exist_ok=True)
-    _cross(MARKER_DOUBLE_C, tools / "kvm-marker.exe")
-    build_phase_exe(tools)
     (tools / "markers.log").unlink(missing_ok=True)
-    launch = _cross(WINRS_LAUNCH_C, tmp_path / "winrs-launch.exe")
     guest = WinrmGuest(WinrmTarget("127.0.0.1", 1, "u", Secret("p"), "ab" * 32))
     line = tmp_path / "line.txt"
     line.write_text(guest.phase_command(command, 17, 2))
