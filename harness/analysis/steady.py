@@ -11,9 +11,11 @@ is also significant is written into the result and shown by compare.
 
 from __future__ import annotations
 
-from harness.analysis import stats
-from harness.analysis.compare import boot_key
-from harness.results import RunResult
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.results import RunResult
 
 
 def _figures(phase_metrics: dict[str, float], duration: float | None,
@@ -29,7 +31,23 @@ def _figures(phase_metrics: dict[str, float], duration: float | None,
 
 def steady_state_notes(result: RunResult) -> list[str]:
     """One line per (VM, workload, parameters, phase, figure) that has not reached steady
-    state over the measured repetitions of its boots."""
+    state over the measured repetitions of its boots.
+
+    A figure measured once has nothing to drift: a run with one measured repetition
+    per figure (most short runs) is answered without loading the statistics (scipy,
+    about a second of every `harness run`).
+    """
+    measured: Counter[tuple[str, str, str, str]] = Counter()
+    for run in result.runs:
+        if not run.warmup:
+            for ph in run.phases:
+                if ph.status == "ok":
+                    measured[(run.vm, run.workload, str(sorted(run.params.items())), ph.name)] += 1
+    if all(n < 2 for n in measured.values()):
+        return []
+    from harness.analysis import stats
+    from harness.analysis.compare import boot_key
+
     series: dict[tuple[str, str, str, str, str], dict[str, list[float]]] = {}
     for run in result.runs:
         if run.warmup:

@@ -3,6 +3,8 @@ broken phases, counts from zero, what the comparison could have seen, a busy hos
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,17 @@ def test_a_drift_inside_boots_is_marked_not_steady(tmp_path: Path) -> None:
     assert fig.not_steady is not None and "per repetition" in fig.not_steady
     [note] = [n for n in steady_state_notes(base) if "mib_per_s" in n]
     assert "not at steady state" in note and "vm1/touch" in note
+
+
+def test_a_figure_measured_once_a_boot_is_steady_and_a_run_needs_no_scipy() -> None:
+    # One measured repetition (after a warm-up that drifts far): nothing to fit.
+    assert steady_state_notes(booted("one", [[300.0]], warm=[10.0])) == []
+    # So `harness run` imports no scipy (about a second of every run) until a figure has two.
+    assert steady_state_notes(booted("two", [[300.0], [30.0]])) == []  # one a boot
+    code = "import sys, harness.run; assert 'scipy' not in sys.modules, 'scipy loaded'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_a_busy_host_is_a_warning_not_unfair(tmp_path: Path) -> None:
