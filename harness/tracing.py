@@ -131,6 +131,7 @@ def trace_phase(
         stack_depth=tracer.program.stack_depth,
         stack_offsets=state.stack_offsets,
         stack_periods=dict(tracer.program.stack_periods),
+        stack_rates=dict(tracer.program.stack_rates),
     ).get(phase.index)
     if phase.kvm_stats is not None:
         traced = crosscheck.host_window_counts(snapshot, target.pid, phase.index)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from harness.results import RunResult
 from harness.textsafe import printable
-from harness.trace.model import ProbeStacks, StackCount
-from harness.trace.stacks import function, path_estimates, wilson
+from harness.trace.model import ProbeStacks
+from harness.trace.stacks import build_stacks, effective, wilson
 
 ParamItems = tuple[tuple[str, str], ...]
 _Key = tuple[str, str, ParamItems, str, str]  # VM, workload, parameters, phase, probe
@@ -78,6 +78,9 @@ def collect(
 ) -> list[PhaseProbeStacks]:
     """Stacks per (VM, workload, parameters, phase, probe), summed over repetitions."""
     sums: dict[_Key, tuple[int, Counter[tuple[str, ...]], list[int]]] = {}
+    # Rate targets: summed weights and squared weights per stack, and the rate.
+    wsums: dict[_Key, tuple[Counter[tuple[str, ...]], Counter[tuple[str, ...]]]] = {}
+    rates: dict[_Key, int] = {}
     differing = _differing(result)
     for run in result.runs:
         if vm is not None and run.vm != vm:
@@ -95,6 +98,12 @@ def collect(
                     key, (0, Counter(), [0, 0, 0, st.depth, st.period]))
                 for s in st.stacks:
                     counts[tuple(s.frames)] += s.count
+                if st.rate_hz is not None:
+                    rates[key] = max(rates.get(key, 0), st.rate_hz)
+                    w, w2 = wsums.setdefault(key, (Counter(), Counter()))
+                    for s in st.stacks:
+                        w[tuple(s.frames)] += s.weight or s.count
+                        w2[tuple(s.frames)] += s.weight_sq or s.weight or s.count
                 totals[0] += st.events
                 totals[1] += st.stacked
                 totals[2] += st.truncated
@@ -103,35 +112,18 @@ def collect(
                 totals[4] = max(totals[4], st.period)
                 sums[key] = (reps + 1, counts, totals)
     out = []
-    for (vm_name, workload, params, phase_name, name), (reps, counts, totals) in sums.items():
-        paths: Counter[str] = Counter()
-        for frames, n in counts.items():
-            for fn in set(map(function, frames)):
-                paths[fn] += n
-        out.append(
-            PhaseProbeStacks(
-                vm=vm_name,
-                workload=workload,
-                phase=phase_name,
-                probe=name,
-                repetitions=reps,
-                params=params,
-                stacks=ProbeStacks(
-                    events=totals[0],
-                    stacked=totals[1],
-                    period=totals[4],
-                    truncated=totals[2],
-                    depth=totals[3],
-                    stacks=[
-                        StackCount(frames=list(f), count=n)
-                        for f, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-                    ],
-                    paths=dict(paths.most_common()),
-                    path_estimates=(path_estimates(dict(paths), totals[1], totals[0])
-                                    if totals[4] > 1 else {}),
-                ),
-            )
-        )
+    for key, (reps, counts, totals) in sums.items():
+        vm_name, workload, params, phase_name, name = key
+        if key in rates:  # a rate target in any repetition: weights (1 a sample where none)
+            w, w2 = wsums.get(key, (Counter(), Counter()))
+            st = build_stacks(counts, totals[0], totals[3], totals[2], rate_hz=rates[key],
+                              weights=w, weights_sq=w2)
+        else:
+            st = build_stacks(counts, totals[0], totals[3], totals[2], period=totals[4])
+        # Summed over repetitions: say the samples that were taken, not a recount.
+        st.stacked = totals[1]
+        out.append(PhaseProbeStacks(vm=vm_name, workload=workload, phase=phase_name,
+                                    probe=name, repetitions=reps, params=params, stacks=st))
     return out
 
 
@@ -149,7 +141,11 @@ def render_tree(items: list[PhaseProbeStacks], *, min_share: float = 0.0) -> str
     for it in items:
         st = it.stacks
         cover = f"{st.stacked} of {st.events} events stacked"
-        if st.period > 1:
+        if st.rate_hz is not None:
+            cover = (f"sampled at about {st.rate_hz} stacks/s per CPU: {st.stacked} stacks of "
+                     f"{st.events} events, mean period {st.period}; estimated events "
+                     "[95% interval]")
+        elif st.period > 1:
             cover = (f"sampled, a stack every {st.period} events per CPU: {st.stacked} stacks "
                      f"of {st.events} events; estimated events [95% interval]")
         cut = f", {st.truncated} cut at depth {st.depth}" if st.truncated else ""
@@ -177,6 +173,8 @@ def _frame(text: str) -> str:
 @dataclass
 class _Node:
     count: int = 0
+    weight: int = 0
+    weight_sq: int = 0
     children: dict[str, _Node] = field(default_factory=dict)
 
 
@@ -196,6 +194,8 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
         for frame in s.frames:
             node = node.children.setdefault(frame, _Node())
             node.count += s.count
+            node.weight += s.weight or s.count
+            node.weight_sq += s.weight_sq or s.weight or s.count
     total = max(stacks.stacked, 1)
     lines: list[str] = []
     todo: list[tuple[int, str, _Node]] = [(-1, "", root)]
@@ -205,7 +205,13 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
             pad = "  " * min(depth, MAX_INDENT)
             deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
             est = ""
-            if stacks.period > 1:
+            if stacks.rate_hz is not None:
+                w, wsq = stacks.weight or 0, stacks.weight_sq or 0
+                lo, hi = wilson(*effective(min(node.weight, w), w, min(node.weight_sq, wsq), wsq))
+                share = node.weight / w if w else 0.0
+                est = (f"  ~{share * stacks.events:.0f} "
+                       f"[{lo * stacks.events:.0f}, {hi * stacks.events:.0f}]")
+            elif stacks.period > 1:
                 lo, hi = wilson(node.count, stacks.stacked)
                 share = node.count / total
                 est = (f"  ~{share * stacks.events:.0f} "

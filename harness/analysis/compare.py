@@ -46,6 +46,7 @@ from harness.analysis.figures import (
 from harness.analysis.provenance import FieldDiff, busy_warnings, differences
 from harness.analysis.resultset import ResultSet
 from harness.results import MetricInfo, RunResult, WorkloadRun
+from harness.trace.stacks import effective
 
 Verdict = Literal["regression", "improvement", "no change", "not enough data"]
 
@@ -433,12 +434,19 @@ def _by_boot(reps: list[tuple[str, PhaseFigures]], name: str) -> list[list[float
     return list(boots.values())
 
 
-def _sampled(reps: list[tuple[str, PhaseFigures]], name: str) -> tuple[int, int, int, int] | None:
-    """A sampled path's samples through it, samples, exact events and repetitions, summed."""
+def _sampled(
+    reps: list[tuple[str, PhaseFigures]], name: str
+) -> tuple[float, float, int, int] | None:
+    """A sampled path's (effective) samples through it, samples, exact events, repetitions.
+
+    The weights (and squared weights) are summed over the repetitions and turned into
+    effective counts (stacks.effective): for a fixed period, the samples summed exactly.
+    """
     have = [r.sampled[name] for _, r in reps if name in r.sampled]
     if not have:
         return None
-    k, n, events = (sum(col) for col in zip(*have, strict=True))
+    wf, w, wsq_f, wsq, events = (sum(col) for col in zip(*have, strict=True))
+    k, n = effective(wf, w, wsq_f, wsq)
     return k, n, events, len(have)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from harness.results import MetricInfo, PhaseResult
 from harness.trace.model import HistBucketModel, PhaseTrace
+from harness.trace.stacks import sample_sums
 
 PERCENTILES = (50, 90, 99)
 
@@ -45,9 +46,11 @@ class PhaseFigures:
     attached: frozenset[str] | None = None
     #: latency name -> (events counted by its histogram, estimated total ns)
     latency_totals: dict[str, tuple[int, float]] = field(default_factory=dict)
-    #: sampled ``path.*`` figures -> (samples through the function, samples of the probe,
-    #: the probe's exact events): what the estimate's sampling noise is derived from
-    sampled: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: sampled ``path.*`` figures -> (weights of the samples through the function, of all
+    #: the probe's samples, the same for squared weights, the probe's exact events): what
+    #: the estimate's sampling noise is derived from (stacks.sample_sums; a fixed period N
+    #: weighs each sample N)
+    sampled: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)
 
 
 #: Sparse count families and the probe that must be attached for an absent key to mean 0.
@@ -111,8 +114,9 @@ def _trace_figures(out: PhaseFigures, t: PhaseTrace) -> None:
             # Sampled stacks: the estimate (share of samples x exact events), not samples.
             est = st.path_estimates.get(fn)
             _put(out, f"path.{probe}.{fn}", est.events if est else n, False, "events")
-            if est is not None:
-                out.sampled[f"path.{probe}.{fn}"] = (n, st.stacked, st.events)
+            sums = sample_sums(st, fn) if est is not None else None
+            if sums is not None:
+                out.sampled[f"path.{probe}.{fn}"] = (*sums, st.events)
     if t.root_loads is not None:
         _put(out, "trace.root_loads", t.root_loads, False, "loads")
     for name, buckets in t.latency_ns.items():

@@ -201,8 +201,9 @@ def _poisson_ci(
 
 
 #: Summed over a side's repetitions: (samples through the function, samples of the probe,
-#: the probe's exact events, repetitions); base first, then the candidate.
-Sampled = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+#: the probe's exact events, repetitions); base first, then the candidate. Weighted samples
+#: (rate targets) give their effective counts (harness.trace.stacks.effective), fractional.
+Sampled = tuple[tuple[float, float, int, int], tuple[float, float, int, int]]
 
 
 def sampling_test(sampled: Sampled) -> tuple[float, float | None]:
@@ -214,12 +215,14 @@ def sampling_test(sampled: Sampled) -> tuple[float, float | None]:
     (1 - p)/k + 1/events on each side, and the log ratio of the per-repetition
     estimates is tested with a normal z. A side with no sample through the
     function has no log: then only the shares are tested (Fisher's exact test).
+    Weighted samples enter as their effective (k, n): (1 - p)/k_eff is then the ratio
+    estimator's var(log share) (docs/STATISTICS.md); Fisher gets them rounded.
     """
     (kb, nb, eb, rb), (kc, nc, ec, rc) = sampled
     if kb == 0 or kc == 0 or eb == 0 or ec == 0:
         if kb + kc == 0:
             return 1.0, None
-        table = np.array([[kb, nb - kb], [kc, nc - kc]])
+        table = np.array([[round(kb), round(nb) - round(kb)], [round(kc), round(nc) - round(kc)]])
         return float(sps.fisher_exact(table).pvalue), None
     pb, pc = kb / nb, kc / nc
     se = math.sqrt((1 - pb) / kb + (1 - pc) / kc + 1 / eb + 1 / ec)

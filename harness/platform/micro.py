@@ -200,6 +200,7 @@ class MicroSession:
                 stack_depth=state.stack_depth,
                 stack_offsets=state.stack_offsets,
                 stack_periods=probes.stack_periods(state.stack_probes),
+                stack_rates=probes.stack_rates(state.stack_probes),
                 mmu_mode=self.ctx.facts.mmu_mode,
             )
         with state.lock:

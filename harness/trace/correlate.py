@@ -90,6 +90,7 @@ def phase_traces(
     stack_depth: int = DEFAULT_STACK_DEPTH,
     stack_offsets: bool = False,
     stack_periods: Mapping[str, int] | None = None,
+    stack_rates: Mapping[str, int] | None = None,
 ) -> dict[int, PhaseTrace]:
     """Per-phase records of ``target`` for ``phases`` plus phase 0 (outside any phase).
 
@@ -99,7 +100,8 @@ def phase_traces(
     ``mmu_mode`` (HostFacts.mmu_mode) decides ``cr3_writes_note``.
     ``stack_depth`` is the program's kstack depth (stacks that reach it were cut);
     ``stack_offsets`` keeps ``function+offset`` frames instead of function names;
-    ``stack_periods`` names sampled probes and their periods (TraceProgram.stack_periods).
+    ``stack_periods`` names sampled probes and their periods (TraceProgram.stack_periods),
+    ``stack_rates`` rate-target probes and their rates (TraceProgram.stack_rates).
     """
     pid = target.pid
     attr = attributor(snapshot, pid, phases)
@@ -185,6 +187,12 @@ def phase_traces(
 
     stk = phase_stacks(snapshot, pid, slot, _probe_name, offsets=stack_offsets,
                        depth=stack_depth)
+    # Rate targets: the summed weights (and squares) of each stack, folded alike.
+    stkw, stkw2 = (
+        phase_stacks(snapshot, pid, slot, _probe_name, offsets=stack_offsets,
+                     depth=stack_depth, map_name=m) if stack_rates else {}
+        for m in ("stkw", "stkw2")
+    )
     out: dict[int, PhaseTrace] = {}
     for p in all_phases:
         ev = by_probe[p]
@@ -220,7 +228,8 @@ def phase_traces(
                        for (lo, hi), c in sorted(b.items(), key=lambda x: x[0][1])]
                 for name, b in lat[p].items()
             },
-            stacks=probe_stacks(stk.get(p, {}), ev, stack_depth, stack_periods),
+            stacks=probe_stacks(stk.get(p, {}), ev, stack_depth, stack_periods, stack_rates,
+                                stkw.get(p, {}), stkw2.get(p, {})),
         )
     return out
 

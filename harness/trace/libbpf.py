@@ -36,7 +36,14 @@ from typing import Final
 from harness.host.process import users_of
 from harness.host.prune import Prunable, tree_size, user_of
 from harness.paths import cache_dir
-from harness.trace.probes import CATALOGUE, MARKER_PROBE, HostView, Probe, ProbeStatus
+from harness.trace.probes import (
+    CATALOGUE,
+    MARKER_PROBE,
+    HostView,
+    Probe,
+    ProbeStatus,
+    StackEntry,
+)
 from harness.trace.program import (
     DEFAULT_STACK_DEPTH,
     LATENCIES,
@@ -400,8 +407,8 @@ def generate(
     attached = tuple(s for s in statuses if s.available and s.attach)
     not_attached = tuple(s for s in statuses if not (s.available and s.attach))
     names = {s.probe.name for s in attached}
-    periods = stack_plan(stacks, statuses)
-    stacked = frozenset(n for n in periods if n in names)
+    plan = stack_plan(stacks, statuses)
+    stacked = frozenset(n for n in plan if n in names)
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
 
     def render(ts: Sequence[TraceTarget], sess: int, owner: int) -> str:
@@ -414,9 +421,9 @@ def generate(
             f"owner {owner}",
             *(f"# {t.vm}\ntarget {t.pid} {t.token}" for t in ts),
             *(f"probe {s.probe.name}" for s in attached),
-            # "stack NAME PERIOD": a stack on every PERIOD-th event per CPU and VM.
-            *(f"stack {n}" + (f" {periods[n]}" if periods[n] > 1 else "")
-              for n in sorted(stacked)),
+            # "stack NAME PERIOD": a stack on every PERIOD-th event per CPU and VM;
+            # "stack_rate NAME R": about R stacks a second per CPU and VM.
+            *(_stack_line(plan[n]) for n in sorted(stacked)),
             f"stack_depth {collected_depth(stack_depth)}",
             *(f"latency {i}" for i in latencies),
         ]
@@ -436,7 +443,16 @@ def generate(
         maps=tuple(maps),
         stacks=stacked,
         stack_depth=stack_depth,
-        stack_periods=tuple(sorted((n, periods[n]) for n in stacked if periods[n] > 1)),
+        stack_periods=tuple(sorted((n, plan[n].period) for n in stacked
+                                   if plan[n].period > 1)),
+        stack_rates=tuple(sorted((n, r) for n in stacked
+                                 if (r := plan[n].rate_hz) is not None)),
         backend="libbpf",
         template=render(canonical, 1, 1),
     )
+
+
+def _stack_line(entry: StackEntry) -> str:
+    if entry.rate_hz is not None:
+        return f"stack_rate {entry.name} {entry.rate_hz}"
+    return f"stack {entry.name}" + (f" {entry.period}" if entry.period > 1 else "")

@@ -31,6 +31,14 @@ class StackCount(BaseModel):
 
     frames: list[str] = Field(description="kernel functions, outermost (syscall entry) first")
     count: int = Field(ge=1)
+    weight: int | None = Field(
+        default=None, ge=1,
+        description="rate-target sampling only: the sum of these samples' weights (each the "
+        "period in force when it was taken: the events it stands for)",
+    )
+    weight_sq: int | None = Field(
+        default=None, ge=1, description="rate-target sampling only: the sum of squared weights"
+    )
 
 
 class PathEstimate(BaseModel):
@@ -40,6 +48,9 @@ class PathEstimate(BaseModel):
     (k of them) is read as a binomial proportion; its 95% Wilson score interval is
     ``[share_low, share_high]``, and the estimate is the share times the probe's exact
     event count (the counts are never sampled), with the interval scaled the same way.
+    With a rate target the samples carry weights: p = W_f / W (weights through the
+    function over all), and the interval is Wilson's at the effective sample size of
+    the ratio estimator (docs/STATISTICS.md); a constant weight gives k/n back exactly.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +61,17 @@ class PathEstimate(BaseModel):
     events: float = Field(ge=0, description="estimated events: share x the exact event count")
     low: float = Field(ge=0, description="share_low x the exact event count")
     high: float = Field(ge=0, description="share_high x the exact event count")
+    weight: int | None = Field(
+        default=None, ge=0, description="rate target only: W_f, the weights of the samples "
+        "through the function"
+    )
+    weight_sq: int | None = Field(
+        default=None, ge=0, description="rate target only: the sum of their squared weights"
+    )
+    effective_samples: float | None = Field(
+        default=None, ge=0, description="rate target only: n_eff = p(1-p)/V of the ratio "
+        "estimator (Kish's W^2/sum w^2 at p = 0 or 1); the interval is Wilson(p n_eff, n_eff)"
+    )
 
 
 class ProbeStacks(BaseModel):
@@ -67,7 +89,26 @@ class ProbeStacks(BaseModel):
         default=1,
         ge=1,
         description="sampling period: a stack on every period-th event per CPU and VM; 1 = "
-        "every event (paths exact), more = sampled (paths count samples, see path_estimates)",
+        "every event (paths exact), more = sampled (paths count samples, see path_estimates). "
+        "With a rate target: the mean period, weight / stacked rounded (1 without samples)",
+    )
+    rate_hz: int | None = Field(
+        default=None, ge=1,
+        description="rate target: about rate_hz stacks a second per CPU and VM, the period "
+        "picked in the kernel from the event rate, each stack weighted by its period; None: "
+        "a fixed period",
+    )
+    weight: int | None = Field(
+        default=None, ge=0,
+        description="rate target only: the sum of the samples' weights, the events they stand "
+        "for (at most events: a CPU's events since its last stack are in no weight)",
+    )
+    weight_sq: int | None = Field(
+        default=None, ge=0, description="rate target only: the sum of squared weights"
+    )
+    effective_samples: float | None = Field(
+        default=None, ge=0,
+        description="rate target only: Kish's effective sample size weight^2 / weight_sq",
     )
     truncated: int = Field(
         ge=0, description="events whose stack reached the depth limit (outer frames cut)"

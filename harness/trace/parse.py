@@ -23,8 +23,9 @@ Key = tuple[int, ...]
 CounterMap = dict[Key, int]
 #: (integer key, kernel frames innermost first as bpftrace prints them) -> count
 StackMap = dict[tuple[Key, tuple[str, ...]], int]
-#: Maps whose last key element is a ``kstack`` (see program.py).
-STACK_MAPS = frozenset({"stk"})
+#: Maps whose last key element is a ``kstack`` (see program.py): sampled stacks, and for
+#: rate targets the sums of their weights and squared weights.
+STACK_MAPS = frozenset({"stk", "stkw", "stkw2"})
 
 
 @dataclass(frozen=True)

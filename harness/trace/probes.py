@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 ProbeKind = Literal["tracepoint", "kfunc", "kprobe"]
 Category = Literal[
@@ -178,60 +178,134 @@ STACK_DEFAULT: Final[tuple[str, ...]] = tuple(
 )
 
 
-#: Largest sampling period of a stacked probe (``stacks = ["kvm_emulate_insn/64"]``).
+#: Largest sampling period of a stacked probe (``stacks = ["kvm_emulate_insn/64"]``); a rate
+#: target's period is kept in 1..MAX_STACK_PERIOD too.
 MAX_STACK_PERIOD: Final = 1 << 20
+#: Largest rate target (``stacks = ["kvm_emulate_insn@1000hz"]``), stacks per second per CPU.
+MAX_STACK_RATE: Final = 100_000
+
+_RATE = re.compile(r"([0-9]+)hz", re.ASCII)
 
 
-def split_stack_entry(entry: str) -> tuple[str, int]:
-    """``"kvm_emulate_insn/64"`` -> ``("kvm_emulate_insn", 64)``; no period is 1 (every event).
+class StackEntry(NamedTuple):
+    """One ``stacks`` entry: a probe (or group) and how its stacks are sampled.
+
+    ``period`` N (``name/N``): a stack on every Nth event per CPU and VM (1: every
+    event). ``rate_hz`` R (``name@Rhz``): about R stacks per second per CPU and VM,
+    the period picked in the kernel from the probe's measured event rate (period is 1
+    then, and means nothing).
+    """
+
+    name: str
+    period: int = 1
+    rate_hz: int | None = None
+
+    def __str__(self) -> str:
+        if self.rate_hz is not None:
+            return f"{self.name}@{self.rate_hz}hz"
+        return self.name if self.period == 1 else f"{self.name}/{self.period}"
+
+    @property
+    def sampled(self) -> bool:
+        """Whether only some events get a stack (paths are then estimates)."""
+        return self.rate_hz is not None or self.period > 1
+
+
+def split_stack_entry(entry: str) -> StackEntry:
+    """``"kvm_emulate_insn/64"`` -> period 64; ``"kvm_emulate_insn@1000hz"`` -> rate 1000.
 
     A period N takes a kernel stack on every Nth event of the probe per CPU (and VM);
-    the event counts stay exact. ValueError naming the entry and the fix otherwise.
+    a rate R about R stacks per second per CPU (and VM), whatever the event rate. The
+    event counts stay exact either way. No suffix: every event (period 1). ValueError
+    naming the entry and the fix otherwise.
     """
+    if "@" in entry:
+        name, _, rate = entry.partition("@")
+        if "/" in name:
+            raise ValueError(
+                f"stacks: {entry!r}: give a period ('/N') or a rate ('@Rhz'), not both, "
+                f"e.g. {name.partition('/')[0].strip() or 'kvm_emulate_insn'}@1000hz"
+            )
+        m = _RATE.fullmatch(rate.strip().lower())
+        if m is None or not 1 <= int(m.group(1)) <= MAX_STACK_RATE:
+            raise ValueError(
+                f"stacks: {entry!r}: the rate after '@' must be a whole number of stacks per "
+                f"second in 1..{MAX_STACK_RATE} followed by 'hz' (about R stacks a second "
+                f"per CPU), e.g. {name.strip() or 'kvm_emulate_insn'}@1000hz"
+            )
+        return StackEntry(name, 1, int(m.group(1)))
     name, sep, period = entry.partition("/")
     if not sep:
-        return entry, 1
+        return StackEntry(entry)
     if not period.isdecimal() or not 1 <= int(period) <= MAX_STACK_PERIOD:
         raise ValueError(
             f"stacks: {entry!r}: the sampling period after '/' must be a whole number in "
             f"1..{MAX_STACK_PERIOD} (a stack every Nth event per CPU), e.g. "
             f"{name.strip() or 'kvm_emulate_insn'}/64"
         )
-    return name, int(period)
+    return StackEntry(name, int(period))
+
+
+def stack_sampling(
+    names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
+) -> dict[str, StackEntry]:
+    """Probe name -> its :class:`StackEntry` (name = the probe) for each probe to stack.
+
+    Groups resolve as in :func:`select_stacks`. A probe named on its own overrides the
+    sampling of a group that holds it; the same probe named twice with different
+    periods or rates, or with both a period and a rate, is a ValueError.
+    """
+    traced_list = None if traced is None else list(traced)
+    named: dict[str, StackEntry] = {}
+    grouped: dict[str, StackEntry] = {}
+    for item in names_or_groups:
+        entry = split_stack_entry(item)
+        for p in select_stacks([entry.name], traced_list):
+            mine = entry._replace(name=p.name)
+            old = named.get(p.name, mine)
+            if entry.name in (STACK_GROUP, *GROUPS):
+                grouped[p.name] = mine
+            elif old == mine:
+                named[p.name] = mine
+            elif (old.rate_hz is None) != (mine.rate_hz is None):
+                raise ValueError(
+                    f"stacks: {p.name} is listed with a period and with a rate ({old} and "
+                    f"{mine}); list it once, either {p.name}/N (a stack every Nth event) or "
+                    f"{p.name}@Rhz (about R stacks a second)"
+                )
+            elif old.rate_hz is not None:
+                raise ValueError(
+                    f"stacks: {p.name} is listed with rates {old.rate_hz}hz and "
+                    f"{mine.rate_hz}hz; list it once (e.g. {mine})"
+                )
+            else:
+                raise ValueError(
+                    f"stacks: {p.name} is listed with periods {old.period} and {mine.period}; "
+                    f"list it once (e.g. {p.name}/{mine.period})"
+                )
+    return {**grouped, **named}
 
 
 def stack_periods(
     names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
 ) -> dict[str, int]:
-    """Probe name -> sampling period for each probe to stack (see :func:`select_stacks`).
+    """Probe name -> fixed sampling period for each probe to stack (rate targets: 1)."""
+    return {n: e.period for n, e in stack_sampling(names_or_groups, traced).items()}
 
-    A probe named on its own overrides the period of a group that holds it; the same
-    probe named twice with different periods is a ValueError.
-    """
-    traced_list = None if traced is None else list(traced)
-    named: dict[str, int] = {}
-    grouped: dict[str, int] = {}
-    for item in names_or_groups:
-        name, period = split_stack_entry(item)
-        for p in select_stacks([name], traced_list):
-            if name in (STACK_GROUP, *GROUPS):
-                grouped[p.name] = period
-            elif named.get(p.name, period) != period:
-                raise ValueError(
-                    f"stacks: {p.name} is listed with periods {named[p.name]} and {period}; "
-                    f"list it once (e.g. {p.name}/{period})"
-                )
-            else:
-                named[p.name] = period
-    return {**grouped, **named}
+
+def stack_rates(
+    names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
+) -> dict[str, int]:
+    """Probe name -> rate target (stacks per second per CPU) of the rate-target probes."""
+    return {n: e.rate_hz for n, e in stack_sampling(names_or_groups, traced).items()
+            if e.rate_hz is not None}
 
 
 def stack_entries(
     names_or_groups: Iterable[str], traced: Iterable[Probe] | None = None
 ) -> list[str]:
-    """The tracer's ``stacks`` argument: ``name`` (every event) or ``name/N`` per probe."""
-    return [n if k == 1 else f"{n}/{k}"
-            for n, k in sorted(stack_periods(names_or_groups, traced).items())]
+    """The tracer's ``stacks`` argument: ``name``, ``name/N`` or ``name@Rhz`` per probe."""
+    return [str(e) for _, e in sorted(stack_sampling(names_or_groups, traced).items())]
 
 
 def select_stacks(
@@ -245,7 +319,7 @@ def select_stacks(
     traced_names = None if traced is None else {p.name for p in traced}
     wanted: set[str] = set()
     for entry in names_or_groups:
-        item = split_stack_entry(entry)[0]
+        item = split_stack_entry(entry).name
         if item == STACK_GROUP:
             wanted.update(n for n in STACK_DEFAULT if traced_names is None or n in traced_names)
         elif item in GROUPS:

@@ -29,6 +29,10 @@ Map layout (every key is an integer; probe ids are catalogue indices,
 ``@lat[pid, g, h, latency]``            log2 histograms of paired-probe latencies
 ``@stk[pid, g, h, probe, kstack]``     kernel stacks of the probes asked for (``stacks``)
 ``@scnt[pid, cpu, probe]``              events since the last stack of a sampled probe
+``@scnt[pid, cpu, probe, g, h]``        rate target: (current period << 32) | events since
+``@slast[pid, cpu, probe]``             rate target: ``nsecs`` of the last stack
+``@stkw[pid, g, h, probe, kstack]``    rate target: sum of the stacks' weights (periods)
+``@stkw2[pid, g, h, probe, kstack]``   rate target: sum of their squares
 ``@dump_done``                          sequence number of the last completed dump
 =====================================  ==========================================
 """
@@ -46,7 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from harness.trace.probes import MARKER_PROBE, ProbeStatus, probe_id, split_stack_entry
+from harness.trace.probes import (
+    MARKER_PROBE,
+    MAX_STACK_PERIOD,
+    ProbeStatus,
+    StackEntry,
+    probe_id,
+    split_stack_entry,
+)
 
 #: CPUID leaf of guest phase markers (ECX = (token << 16) | phase).
 GUEST_MARKER_LEAF: Final = 0x4B564D00
@@ -68,6 +79,11 @@ MAX_STACK_DEPTH: Final = 127
 STACK_SLACK: Final = 4
 
 
+def rate_interval_ns(rate_hz: int) -> int:
+    """ns between stacks for a rate target of ``rate_hz`` (rounded as kvmtrace's loader does)."""
+    return (1_000_000_000 + rate_hz // 2) // rate_hz
+
+
 def collected_depth(stack_depth: int) -> int:
     """Frames a tracer collects for ``stack_depth`` kept frames."""
     return min(stack_depth + STACK_SLACK, MAX_STACK_DEPTH)
@@ -84,7 +100,7 @@ LATENCIES: Final[dict[int, tuple[str, str, str]]] = {
 #: Maps printed by a dump, in order. ``@dump_done`` always comes last.
 RESULT_MAPS: Final = (
     "gphase", "hphase", "markers", "marker_ns", "gdur", "hmarks", "hmark_ns", "hdur",
-    "evt", "stk", "exits", "pf", "crw", "getpage", "lat",
+    "evt", "stk", "stkw", "stkw2", "exits", "pf", "crw", "getpage", "lat",
 )
 
 
@@ -133,6 +149,9 @@ class TraceProgram:
     stack_depth: int = DEFAULT_STACK_DEPTH
     #: Sampled stacks: (probe, period N > 1), a stack on every Nth event per CPU and VM.
     stack_periods: tuple[tuple[str, int], ...] = ()
+    #: Rate targets: (probe, R stacks per second per CPU and VM), the period adapted in
+    #: the kernel to the event rate; each stack is weighted by the period it stands for.
+    stack_rates: tuple[tuple[str, int], ...] = ()
     #: Which tracer runs it: "bpftrace" (text is a bpftrace program) or "libbpf"
     #: (text is the kvmtrace loader's configuration, harness.trace.libbpf).
     backend: str = "bpftrace"
@@ -225,16 +244,19 @@ def generate(
     latencies = tuple(i for i, (_n, a, b) in LATENCIES.items() if a in names and b in names)
     if not 1 <= stack_depth <= MAX_STACK_DEPTH:
         raise ProgramError(f"stack_depth: {stack_depth} is not in 1..{MAX_STACK_DEPTH}")
-    periods = stack_plan(stacks, statuses)
+    plan = stack_plan(stacks, statuses)
     # A stacked probe that did not attach has no events and so no stacks.
-    stacked = frozenset(n for n in periods if n in names)
-    sampled = tuple(sorted((n, k) for n, k in periods.items() if n in stacked and k > 1))
+    stacked = frozenset(n for n in plan if n in names)
+    sampled = tuple(sorted((n, e.period) for n, e in plan.items()
+                           if n in stacked and e.period > 1))
+    rates = tuple(sorted((n, e.rate_hz) for n, e in plan.items()
+                         if n in stacked and e.rate_hz is not None))
     gen = _Gen(tuple(targets), attached, names, latencies, session, stacked, stack_depth,
-               os.getpid() if owner is None else owner, dict(sampled))
+               os.getpid() if owner is None else owner, dict(sampled), dict(rates))
     text = gen.render()
     canonical = tuple(TraceTarget(f"vm{i}", i, i) for i in range(1, len(targets) + 1))
     template = _Gen(canonical, attached, names, latencies, 1, stacked, stack_depth, 1,
-                    dict(sampled)).render()
+                    dict(sampled), dict(rates)).render()
     return TraceProgram(
         text=text,
         targets=tuple(targets),
@@ -246,32 +268,42 @@ def generate(
         stacks=stacked,
         stack_depth=stack_depth,
         stack_periods=sampled,
+        stack_rates=rates,
         template=template,
     )
 
 
-def stack_plan(stacks: Sequence[str], statuses: Sequence[ProbeStatus]) -> dict[str, int]:
-    """Probe -> sampling period of ``stacks`` entries (``name`` or ``name/N``), checked.
+def stack_plan(stacks: Sequence[str], statuses: Sequence[ProbeStatus]) -> dict[str, StackEntry]:
+    """Probe -> sampling of ``stacks`` entries (``name``, ``name/N`` or ``name@Rhz``), checked.
 
     Every named probe must be among ``statuses`` (the selected probes); a probe listed
-    twice must have one period. ProgramError says which entry and how to fix it.
+    twice must have one period or one rate, not both. ProgramError says which entry and
+    how to fix it.
     """
     selected = {s.probe.name for s in statuses}
-    out: dict[str, int] = {}
-    for entry in stacks:
+    out: dict[str, StackEntry] = {}
+    for text in stacks:
         try:
-            name, period = split_stack_entry(entry)
+            entry = split_stack_entry(text)
         except ValueError as exc:
             raise ProgramError(str(exc)) from None
+        name = entry.name
         if name not in selected:
             raise ProgramError(
                 f"stacks: {name!r} is not one of the selected probes; stack only probes "
                 "that are traced (add it to the probe selection)"
             )
-        if out.get(name, period) != period:
-            raise ProgramError(f"stacks: {name} is listed with periods {out[name]} and "
-                               f"{period}; list it once")
-        out[name] = period
+        old = out.get(name, entry)
+        if (old.rate_hz is None) != (entry.rate_hz is None):
+            raise ProgramError(f"stacks: {name} is listed with a period and with a rate "
+                               f"({old} and {entry}); list it once")
+        if old.rate_hz != entry.rate_hz:
+            raise ProgramError(f"stacks: {name} is listed with rates {old.rate_hz}hz and "
+                               f"{entry.rate_hz}hz; list it once")
+        if old.period != entry.period:
+            raise ProgramError(f"stacks: {name} is listed with periods {old.period} and "
+                               f"{entry.period}; list it once")
+        out[name] = entry
     return out
 
 
@@ -289,9 +321,11 @@ class _Gen:
         stack_depth: int = DEFAULT_STACK_DEPTH,
         owner: int = 1,
         periods: dict[str, int] | None = None,
+        rates: dict[str, int] | None = None,
     ) -> None:
         self.owner = owner
         self.periods = periods or {}
+        self.rates = rates or {}
         self.targets = targets
         self.attached = attached
         self.names = names
@@ -317,6 +351,8 @@ class _Gen:
             used.add("lat")
         if self.stacks:
             used.add("stk")
+        if self.rates:
+            used |= {"stkw", "stkw2"}
         return tuple(m for m in RESULT_MAPS if m in used)
 
     def pid_filter(self) -> str:
@@ -410,6 +446,9 @@ class _Gen:
             return out
         depth = collected_depth(self.stack_depth)
         stack = f"@stk[pid, $g, $h, {ident}, kstack({depth})] = count();"
+        rate = self.rates.get(name)
+        if rate is not None:
+            return [*out, *self.rate_target(ident, depth, rate)]
         period = self.periods.get(name, 1)
         if period == 1:
             return [*out, stack]
@@ -423,6 +462,37 @@ class _Gen:
             f"  {stack}",
             "}",
             f"@scnt[pid, cpu, {ident}] = $n;",
+        ]
+
+    @staticmethod
+    def rate_target(ident: int, depth: int, rate: int) -> list[str]:
+        """A stack whenever this CPU's count reaches its period; the period follows the rate.
+
+        Per CPU, VM, probe and phase pair one map value: (period << 32) | events since
+        the last stack (a new phase starts at period 0, i.e. the next event). A stack
+        weighs the period in force (the events it stands for); then dt = now - the
+        last stack's time (@slast, read only here), and the period becomes the mean of
+        the old one and old x interval / dt, in 1..MAX_STACK_PERIOD.
+        """
+        key = f"pid, cpu, {ident}, $g, $h"
+        interval = rate_interval_ns(rate)
+        return [
+            f"$sv = @scnt[{key}];",
+            "$n = ($sv & 0xffffffff) + 1;",
+            "$p = $sv >> 32;",
+            "if ($n >= $p) {",
+            "  $w = $p > 0 ? $p : 1;",
+            f"  $k = kstack({depth});",
+            f"  @stk[pid, $g, $h, {ident}, $k] = count();",
+            f"  @stkw[pid, $g, $h, {ident}, $k] = sum($w);",
+            f"  @stkw2[pid, $g, $h, {ident}, $k] = sum($w * $w);",
+            f"  $dt = nsecs - @slast[pid, cpu, {ident}];",
+            f"  @slast[pid, cpu, {ident}] = nsecs;",
+            f"  $q = ($w + $w * {interval} / ($dt > 0 ? $dt : 1)) / 2;",
+            f"  $p = $q < 1 ? 1 : ($q > {MAX_STACK_PERIOD} ? {MAX_STACK_PERIOD} : $q);",
+            "  $n = 0;",
+            "}",
+            f"@scnt[{key}] = ($p << 32) | $n;",
         ]
 
     def probe_block(self, s: ProbeStatus) -> str:
@@ -485,8 +555,10 @@ class _Gen:
             temps.append("@t_exit")
         if 1 in self.latencies:
             temps.append("@t_pf")
-        if self.periods:
+        if self.periods or self.rates:
             temps.append("@scnt")
+        if self.rates:
+            temps.append("@slast")
         clears = " ".join(f"clear({m});" for m in temps)
         return f"// Per-thread scratch maps are not results.\nEND {{ {clears} }}\n"
 

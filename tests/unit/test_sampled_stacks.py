@@ -32,8 +32,8 @@ PIO = ("entry", "kvm_arch_vcpu_ioctl_run", "handle_io", "x86_emulate_instruction
 
 
 def test_entries_split_into_probe_and_period() -> None:
-    assert P.split_stack_entry("kvm_emulate_insn/64") == ("kvm_emulate_insn", 64)
-    assert P.split_stack_entry("kvm_emulate_insn") == ("kvm_emulate_insn", 1)
+    assert P.split_stack_entry("kvm_emulate_insn/64") == ("kvm_emulate_insn", 64, None)
+    assert P.split_stack_entry("kvm_emulate_insn") == ("kvm_emulate_insn", 1, None)
     for bad in ("kvm_emulate_insn/0", "kvm_emulate_insn/", "kvm_emulate_insn/x",
                 "kvm_emulate_insn/-3", f"kvm_emulate_insn/{P.MAX_STACK_PERIOD + 1}"):
         with pytest.raises(ValueError, match=r"must be a whole number in 1\.\.1048576.*"

@@ -37,8 +37,8 @@ def test_every_catalogue_probe_has_a_bpf_program_and_a_loader_name() -> None:
     assert programs - {"name"} == {p.name for p in P.CATALOGUE}  # "name": the macros
     assert set(re.findall(r"P\((\w+)\)", loader)) - {"n"} == {p.name for p in P.CATALOGUE}
     # The maps the loader prints are the ones the parser and correlator read.
-    printed = set(re.findall(r'print_counter_map\("(\w+)"', loader)) | {
-        "gphase", "hphase", "evt", "stk", "lat", "dump_done"}
+    printed = set(re.findall(r'print_(?:counter_map|stacks)\("(\w+)"', loader)) | {
+        "gphase", "hphase", "evt", "lat", "dump_done"}
     from harness.trace.program import RESULT_MAPS
     assert set(RESULT_MAPS) | {"dump_done"} == printed
 

@@ -35,6 +35,9 @@ const volatile __u32 session = 0;
 const volatile __u32 owner_pid = 0;    /* host markers count only from this harness */
 /* 0: no stacks; N: a stack on every Nth event per CPU and VM (1: every event). */
 const volatile __u32 stack_period[KVMT_MAX_PROBES] = {};
+/* Rate targets: ns between stacks (1e9 / R for about R stacks a second per CPU and VM);
+ * 0: not a rate target. Such a probe's stack_period is 0. */
+const volatile __u32 stack_interval[KVMT_MAX_PROBES] = {};
 const volatile __u8 lat_exit_on = 0;   /* latency 0: kvm_exit -> kvm_entry */
 const volatile __u8 lat_pf_on = 0;     /* latency 1: kvm_page_fault -> kvm_entry */
 const volatile __u8 exit_traced = 0;   /* kvm_exit is attached: faults name their exit */
@@ -63,6 +66,9 @@ HASH(crw, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_cr_key, __u64, 65536);
 HASH(getpage, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_getpage_key, __u64, 65536);
 HASH(lat, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_lat_key, __u64, 65536);
 HASH(stk, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_stk_key, __u64, 65536);
+/* Rate targets: per stack, the sum of its samples' weights (periods) and their squares. */
+HASH(stkw, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_stk_key, __u64, 65536);
+HASH(stkw2, BPF_MAP_TYPE_PERCPU_HASH, struct kvmt_stk_key, __u64, 65536);
 /* Rare events (markers): shared maps, atomic adds. */
 HASH(markers, BPF_MAP_TYPE_HASH, struct kvmt_phase_key, __u64, 65536);
 HASH(marker_ns, BPF_MAP_TYPE_HASH, struct kvmt_phase_key, __u64, 65536);
@@ -219,6 +225,12 @@ static __always_inline struct kvmt_slot *count_event(struct ev *e, __u32 probe)
 		struct kvmt_evt_key old = { e->pid, s->tid, s->g, s->h, probe };
 		percpu_add(&evt, &old, s->count);
 	}
+	/* A rate target's sampling restarts in a new phase pair, so that a stack's
+	 * weight counts events of its own phase only. */
+	if (probe < KVMT_MAX_PROBES && stack_interval[probe] && (s->g != e->g || s->h != e->h)) {
+		s->since = 0;
+		s->period = 0;
+	}
 	s->tid = e->tid;
 	s->g = e->g;
 	s->h = e->h;
@@ -226,6 +238,27 @@ static __always_inline struct kvmt_slot *count_event(struct ev *e, __u32 probe)
 	s->count = 1;
 	__sync_fetch_and_add(&s->seq, 1); /* even: consistent */
 	return s;
+}
+
+/* A rate target's stack: weighted by the period in force (the events since the last
+ * stack), then the period adapted to the rate seen since that stack: the mean of the
+ * old period and old x interval / dt, in 1..KVMT_MAX_STACK_PERIOD. The only clock read
+ * is here, on sampled events. */
+static __always_inline void rate_stack(void *ctx, __u32 probe, struct ev *e,
+					      struct kvmt_slot *slot, __u64 interval)
+{
+	__u64 w = slot->period ? slot->period : 1;
+	slot->since = 0;
+	struct kvmt_stk_key sk = { e->pid, e->g, e->h, probe, 0 };
+	sk.stackid = bpf_get_stackid(ctx, &stackmap, 0);
+	percpu_inc(&stk, &sk);
+	percpu_add(&stkw, &sk, w);
+	percpu_add(&stkw2, &sk, w * w);
+	__u64 now = bpf_ktime_get_ns();
+	__u64 dt = now - slot->last_ns;
+	slot->last_ns = now;
+	__u64 q = (w + w * interval / (dt ? dt : 1)) / 2;
+	slot->period = q < 1 ? 1 : (q > KVMT_MAX_STACK_PERIOD ? KVMT_MAX_STACK_PERIOD : q);
 }
 
 /* Filter, phase lookup and the one counter update every probe makes. */
@@ -253,6 +286,14 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 	struct kvmt_slot *slot = count_event(e, probe);
 	if (bench_stage == 4)
 		return 0;
+	__u32 interval = probe < KVMT_MAX_PROBES ? stack_interval[probe] : 0;
+	if (interval && slot) {
+		/* Rate target: the same compare as a fixed period, against the slot's. */
+		if (++slot->since < slot->period)
+			return 1;
+		rate_stack(ctx, probe, e, slot, interval);
+		return 1;
+	}
 	__u32 period = probe < KVMT_MAX_PROBES ? stack_period[probe] : 0;
 	if (period && slot) {
 		/* Sampled: only every period-th event of this CPU and VM takes a stack. */

@@ -10,6 +10,8 @@
 #define KVMT_MAX_TARGETS 16
 #define KVMT_MAX_PROBES 64
 #define KVMT_MAX_STACK_DEPTH 127
+/* The largest sampling period (harness/trace/probes.py MAX_STACK_PERIOD). */
+#define KVMT_MAX_STACK_PERIOD (1 << 20)
 #define KVMT_LAT_BUCKETS 66 /* 0, then [2^k, 2^(k+1)) for k = 0..63 */
 
 /* getpriority(which, who) host markers (harness/trace/program.py). */
@@ -34,13 +36,18 @@ struct kvmt_lat_key { __u32 pid, g, h, id, bucket; };
 struct kvmt_stk_key { __u32 pid, g, h, probe; __s32 stackid; };
 
 /* @evt's fast path: per CPU, per (VM, probe), the count of the (tid, g, h) that
- * fired last (and the sampling counter of a stacked probe). A different key flushes the count into @evt first. ``seq`` is odd
- * while a flush rewrites the slot, so a reader can tell a consistent copy. */
+ * fired last (and the sampling state of a stacked probe). A different key flushes
+ * the count into @evt first. ``seq`` is odd while a flush rewrites the slot, so a
+ * reader can tell a consistent copy. */
 struct kvmt_slot {
 	__u64 seq;
 	__u32 tid, g, h, used;
 	__u64 count;
 	__u64 since;   /* sampled stacks: events since this CPU's last stack of (VM, probe) */
+	/* Rate targets only: the period in force (0: take the next event) and the
+	 * bpf_ktime_get_ns() of the last stack; both restart with a new phase pair. */
+	__u64 period;
+	__u64 last_ns;
 };
 
 /* Per-thread scratch: the last exit (for the page fault it causes), latency starts. */

@@ -8,7 +8,8 @@
  * harness drives both backends the same way (harness/trace/runner.py).
  *
  * Usage: kvmtrace CONFIG    (CONFIG: lines "session N", "target PID TOKEN",
- *                            "probe NAME", "stack NAME [PERIOD]", "stack_depth N",
+ *                            "probe NAME", "stack NAME [PERIOD]", "stack_rate NAME R",
+ *                            "stack_depth N",
  *                            "latency ID", optional "btf PATH")
  * SIGINT/SIGTERM: print all maps once more and exit 0.
  */
@@ -42,7 +43,8 @@ struct config {
 	unsigned n_probes;
 	char stacks[KVMT_MAX_PROBES][64];
 	unsigned stack_period[KVMT_MAX_PROBES];
-	unsigned n_stacks;
+	unsigned stack_rate[KVMT_MAX_PROBES]; /* 0: fixed period; R: about R stacks/s per CPU */
+	unsigned n_stacks, n_rates;
 	unsigned stack_depth;
 	int lat[2];
 	unsigned bench_stage; /* benchmarks only: see kvmtrace.bpf.c */
@@ -120,6 +122,17 @@ static void read_config(const char *path, struct config *c)
 			if (n == 1 && a < 1)
 				die("%s:%d: stack period 0; it must be 1 or more", path, lineno);
 			c->stack_period[c->n_stacks] = n == 1 ? a : 1;
+			strcpy(c->stacks[c->n_stacks++], word);
+		} else if (!strcmp(key, "stack_rate") && sscanf(arg, "%63s %u", word, &a) == 2) {
+			/* "stack_rate NAME R": the period follows the event rate, about R stacks
+			 * a second per CPU and VM, each weighted by the period in force. */
+			if (c->n_stacks >= KVMT_MAX_PROBES)
+				die("%s:%d: too many stacks", path, lineno);
+			if (a < 1 || a > 100000)
+				die("%s:%d: stack rate %u not in 1..100000", path, lineno, a);
+			c->stack_period[c->n_stacks] = 0;
+			c->stack_rate[c->n_stacks] = a;
+			c->n_rates++;
 			strcpy(c->stacks[c->n_stacks++], word);
 		} else if (!strcmp(key, "stack_depth") && sscanf(arg, "%u", &a) == 1) {
 			if (a < 1 || a > KVMT_MAX_STACK_DEPTH)
@@ -467,7 +480,7 @@ static void print_lat(int fd)
 /* @stk: a stack whose id the kernel could not give (bpf_get_stackid failed: its
  * callchain buffer busy, or a stack-map collision) prints, as bpftrace does, as
  * an empty stack; all of a key's lost stacks are summed into that one entry. */
-static void print_stacks(int fd, int stack_fd, unsigned depth)
+static void print_stacks(const char *name, int fd, int stack_fd, unsigned depth)
 {
 	struct kvmt_stk_key key, next, *prev = NULL;
 	__u64 buf[nr_cpus > 0 ? nr_cpus : 1];
@@ -496,7 +509,10 @@ static void print_stacks(int fd, int stack_fd, unsigned depth)
 	}
 	for (size_t r = 0; r < n_rows; r++) {
 		const struct kvmt_stk_key *k = &rows[r].k;
-		printf(r ? ", \"" : "{\"type\": \"map\", \"data\": {\"@stk\": {\"");
+		if (r)
+			printf(", \"");
+		else
+			printf("{\"type\": \"map\", \"data\": {\"@%s\": {\"", name);
 		printf("%u,%u,%u,%u,", k->pid, k->g, k->h, k->probe);
 		memset(ips, 0, sizeof(ips));
 		if (k->stackid >= 0 && bpf_map_lookup_elem(stack_fd, &k->stackid, ips) == 0) {
@@ -530,7 +546,12 @@ static void dump(struct kvmtrace *skel, const struct config *c, int seq)
 	print_counter_map("hdur", bpf_map__fd(m->hdur), 2, 0, 0);
 	print_evt(skel, c);
 	if (c->n_stacks)
-		print_stacks(bpf_map__fd(m->stk), bpf_map__fd(m->stackmap), c->stack_depth);
+		print_stacks("stk", bpf_map__fd(m->stk), bpf_map__fd(m->stackmap), c->stack_depth);
+	if (c->n_rates) {
+		print_stacks("stkw", bpf_map__fd(m->stkw), bpf_map__fd(m->stackmap), c->stack_depth);
+		print_stacks("stkw2", bpf_map__fd(m->stkw2), bpf_map__fd(m->stackmap),
+			     c->stack_depth);
+	}
 	print_counter_map("exits", bpf_map__fd(m->exits), 5, 0, 1);
 	print_counter_map("pf", bpf_map__fd(m->pf), 5, 1, 1);
 	print_counter_map("crw", bpf_map__fd(m->crw), 4, 0, 1);
@@ -591,6 +612,8 @@ int main(int argc, char **argv)
 		if (id < 0 || id >= KVMT_MAX_PROBES)
 			die("stack %s: unknown probe", c.stacks[i]);
 		skel->rodata->stack_period[id] = c.stack_period[i];
+		skel->rodata->stack_interval[id] =
+			c.stack_rate[i] ? (1000000000u + c.stack_rate[i] / 2) / c.stack_rate[i] : 0;
 	}
 	skel->rodata->n_targets = c.n_targets;
 	for (unsigned i = 0; i < c.n_targets; i++) {
