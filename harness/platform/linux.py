@@ -28,6 +28,7 @@ succeed (docs/RELIABILITY.md):
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -82,8 +83,21 @@ from harness.vm.domain import DomainConfig
 from harness.vm.lifecycle import make_private_dir
 
 TAIL_CHARS = 2000
-#: How long a guest whose SSH connection dropped gets to answer again.
+#: How long a guest whose SSH connection dropped gets to answer again; ``HARNESS_RECONNECT_S``
+#: (seconds, > 0) sets another, e.g. for a test whose guest is known never to answer.
 RECONNECT_S = 20.0
+RECONNECT_ENV = "HARNESS_RECONNECT_S"
+
+
+def reconnect_s() -> float:
+    """RECONNECT_S, or ``$HARNESS_RECONNECT_S`` where that is a positive number."""
+    try:
+        value = float(os.environ.get(RECONNECT_ENV, ""))
+    except ValueError:
+        return RECONNECT_S
+    return value if value > 0 else RECONNECT_S
+
+
 #: After a dropped connection, how long the VM's state gets to show why (a destroyed
 #: domain closes its sockets a moment before libvirt reports it gone).
 GONE_GRACE_S = 3.0
@@ -614,20 +628,21 @@ def _after_failed_phase(
         )
         return None
     # An error with the VM still there: the transport failed, the command's fate unknown.
+    wait_s = reconnect_s()
     try:
         try:
             guest.run("true", timeout_s=10)
             how = "the SSH connection still worked"
         except GuestError:
             state.check_cancel()
-            guest.reconnect(RECONNECT_S)
+            guest.reconnect(wait_s)
             how = "reconnected over SSH"
         killed = guest.kill_phase(target.token, number)
     except GuestError as exc:
         state.check_cancel()
         return (
             f"phase {phase.name}: the SSH connection dropped and the guest did not answer "
-            f"SSH again within {RECONNECT_S:.0f} s ({exc})"
+            f"SSH again within {wait_s:g} s ({exc})"
         )
     phase.error = (
         f"{phase.error}; {how}, killed {killed} process group(s) left of the phase's "

@@ -9,6 +9,7 @@ its own directory first, see harness/spec.py ``load_suite``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -116,13 +117,16 @@ def harness(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness.cli", *args]
 
 
-def start_run(suite: Path, results: Path) -> subprocess.Popen[str]:
-    """`harness run SUITE --quiet` in the background."""
+def start_run(
+    suite: Path, results: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`harness run SUITE --quiet` in the background (``env``: added to the environment)."""
     return subprocess.Popen(
         harness("run", str(suite), "--results-dir", str(results), "--quiet"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
 
 

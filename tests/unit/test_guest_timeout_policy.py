@@ -64,3 +64,15 @@ def test_a_guest_that_cannot_kill_it_ends_the_boot_with_the_reason() -> None:
     assert why.startswith("phase flood timed out: the guest's state is unknown")
     assert "guest command timed out after 30 s: pgrep" in why
     assert "remaining work is skipped and the VM destroyed" in why
+
+
+def test_the_reconnect_wait_is_20_s_unless_harness_reconnect_s_says_otherwise(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.delenv(linux.RECONNECT_ENV, raising=False)
+    assert linux.reconnect_s() == linux.RECONNECT_S == 20.0
+    monkeypatch.setenv(linux.RECONNECT_ENV, "3")
+    assert linux.reconnect_s() == 3.0
+    for bad in ("", "soon", "0", "-5"):
+        monkeypatch.setenv(linux.RECONNECT_ENV, bad)
+        assert linux.reconnect_s() == 20.0, bad
