@@ -94,8 +94,9 @@ def main() -> None:
     "--stacks",
     metavar="PROBE,...",
     help="Count kernel stacks of these probes per phase ('stacks': the MMU default set); "
-    "PROBE/N samples, a stack on every Nth event per CPU (paths become estimates with a 95% "
-    "interval; counts stay exact); overrides the suite's [trace] stacks.",
+    "PROBE/N samples, a stack on every Nth event per CPU; PROBE@Rhz about R stacks a second "
+    "per CPU, whatever the event rate (paths become estimates with a 95% interval; counts "
+    "stay exact); overrides the suite's [trace] stacks.",
 )
 @click.option(
     "--tracer",

@@ -563,7 +563,8 @@ class TraceSpec(_Strict):
     probes: list[str] = ["default"]
     #: Probes whose kernel stacks are counted per VM, phase and probe ("stacks" = the
     #: MMU default set); each must be among the probes traced. ``name/N`` samples: a
-    #: stack on every Nth event per CPU, path counts then estimates with a 95% interval.
+    #: stack on every Nth event per CPU, path counts then estimates with a 95% interval;
+    #: ``name@Rhz`` about R stacks a second per CPU, the period following the event rate.
     stacks: list[str] = []
     stack_depth: int = Field(default=DEFAULT_STACK_DEPTH, ge=1, le=MAX_STACK_DEPTH)
     #: Keep ``function+offset`` frames (call sites apart) instead of function names.
