@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import json
 import os
 import statistics
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from harness.image.micro import QEMU_EXIT_STATUS, MicroPhase, build_micro_image
 from harness.spec import load_workload
 from harness.trace import correlate, libbpf, probes
-from harness.trace.backend import LibbpfBackend
-from harness.trace.probes import Probe, ProbeStatus
-from harness.trace.program import DEFAULT_STACK_DEPTH, TraceProgram, TraceTarget
+from harness.trace.probes import Probe
+from harness.trace.program import TraceTarget
 from harness.trace.runner import Tracer
+from tests.bench.micro_run import StagedLibbpf
 from tests.integration.conftest import vm_workdir
 from tests.integration.micro_qemu import micro_vm
 
@@ -98,28 +97,6 @@ def program_stats(loader_pid: int) -> tuple[int, int]:
         if prog.get("name") == HOT_PROGRAM and prog.get("id") in ids:
             return int(prog.get("run_time_ns", 0)), int(prog.get("run_cnt", 0))
     raise AssertionError(f"no {HOT_PROGRAM} program held by loader {loader_pid}")
-
-
-class StagedLibbpf(LibbpfBackend):
-    """The libbpf backend with ``bench_stage`` added to the loader's configuration."""
-
-    def __init__(self, built: libbpf.LibbpfBuild, stage: int) -> None:
-        super().__init__(built)
-        self.stage = stage
-
-    def generate(
-        self,
-        statuses: Sequence[ProbeStatus],
-        targets: Sequence[TraceTarget],
-        *,
-        session: int | None = None,
-        stacks: Sequence[str] = (),
-        stack_depth: int = DEFAULT_STACK_DEPTH,
-    ) -> TraceProgram:
-        """The configuration of the libbpf backend, plus ``bench_stage``."""
-        prog = super().generate(statuses, targets, session=session, stacks=stacks,
-                                stack_depth=stack_depth)
-        return dataclasses.replace(prog, text=prog.text + f"bench_stage {self.stage}\n")
 
 
 def run_once(
