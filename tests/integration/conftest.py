@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,6 +49,27 @@ def cloud_standin() -> CloudStandin:
     NoCloud seed), built once (cached across sessions by recipe digest); boots with SeaBIOS
     and with OVMF."""
     return build_cloud_standin(progress=print)
+
+
+#: A short real suite run twice (tests/integration/suites/compare-short.toml): the two
+#: runs of test_compare_real.py, the first also the base side of test_guest_kernel_ab.py.
+COMPARE_SHORT = Path(__file__).parent / "suites" / "compare-short.toml"
+
+
+@pytest.fixture(scope="session")
+def compare_short_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real runs of compare-short (the image's own kernel), each its own result file."""
+    out = tmp_path_factory.mktemp("compare-runs")
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "run", str(COMPARE_SHORT), "--results-dir",
+             str(out), "--quiet"],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = sorted(out.glob("*.json"))
+    assert len(paths) == 2
+    return paths
 
 
 @pytest.fixture(scope="session", autouse=True)

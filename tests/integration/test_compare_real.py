@@ -18,28 +18,20 @@ import pytest
 from scipy import stats as sps
 
 from harness.results import RunResult, load, write_atomic
+from tests.integration.conftest import COMPARE_SHORT
 
 pytestmark = pytest.mark.integration
 
-SUITE = Path(__file__).parent / "suites" / "compare-short.toml"
+SUITE = COMPARE_SHORT
 # First-touch throughput (guest page faults): ~20% run-to-run noise (sd of logs) under TCG
 # here; the retouch rate of 64 MiB, a few ms of work, ~30%.
 SCALED_METRIC = "first_touch_mib_per_s"
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("compare-runs")
-    for _ in range(2):
-        proc = subprocess.run(
-            [sys.executable, "-m", "harness.cli", "run", str(SUITE), "--results-dir", str(out),
-             "--quiet"],
-            capture_output=True, text=True, timeout=600, check=False,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    paths = sorted(out.glob("*.json"))
-    assert len(paths) == 2
-    return paths
+@pytest.fixture
+def two_runs(compare_short_runs: list[Path]) -> list[Path]:
+    """Two real runs of SUITE (tests/integration/conftest.py: made once a session)."""
+    return compare_short_runs
 
 
 def harness_compare(*args: str | Path) -> subprocess.CompletedProcess[str]:
