@@ -33,11 +33,13 @@ const volatile __u32 target_pid[KVMT_MAX_TARGETS] = {};
 const volatile __u32 target_token[KVMT_MAX_TARGETS] = {};
 const volatile __u32 session = 0;
 const volatile __u32 owner_pid = 0;    /* host markers count only from this harness */
-/* 0: no stacks; N: a stack on every Nth event per CPU and VM (1: every event). */
+/* 0: no stacks; N: a stack on every Nth event per CPU and VM (1: every event);
+ * KVMT_RATE_TARGET | ns: a rate target, the period adapted for a stack every ns
+ * (1e9 / R for about R stacks a second per CPU and VM). One value, tested with one
+ * compare against an immediate (period > KVMT_MAX_STACK_PERIOD), so that the
+ * verifier, which knows the load-time constant, removes the test: probes without a
+ * rate target run the same instructions as before. */
 const volatile __u32 stack_period[KVMT_MAX_PROBES] = {};
-/* Rate targets: ns between stacks (1e9 / R for about R stacks a second per CPU and VM);
- * 0: not a rate target. Such a probe's stack_period is 0. */
-const volatile __u32 stack_interval[KVMT_MAX_PROBES] = {};
 const volatile __u8 lat_exit_on = 0;   /* latency 0: kvm_exit -> kvm_entry */
 const volatile __u8 lat_pf_on = 0;     /* latency 1: kvm_page_fault -> kvm_entry */
 const volatile __u8 exit_traced = 0;   /* kvm_exit is attached: faults name their exit */
@@ -227,7 +229,8 @@ static __always_inline struct kvmt_slot *count_event(struct ev *e, __u32 probe)
 	}
 	/* A rate target's sampling restarts in a new phase pair, so that a stack's
 	 * weight counts events of its own phase only. */
-	if (probe < KVMT_MAX_PROBES && stack_interval[probe] && (s->g != e->g || s->h != e->h)) {
+	if (probe < KVMT_MAX_PROBES && stack_period[probe] > KVMT_MAX_STACK_PERIOD &&
+	    (s->g != e->g || s->h != e->h)) {
 		s->since = 0;
 		s->period = 0;
 	}
@@ -286,16 +289,13 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 	struct kvmt_slot *slot = count_event(e, probe);
 	if (bench_stage == 4)
 		return 0;
-	__u32 interval = probe < KVMT_MAX_PROBES ? stack_interval[probe] : 0;
-	if (interval && slot) {
-		/* Rate target: the same compare as a fixed period, against the slot's. */
-		if (++slot->since < slot->period)
-			return 1;
-		rate_stack(ctx, probe, e, slot, interval);
-		return 1;
-	}
 	__u32 period = probe < KVMT_MAX_PROBES ? stack_period[probe] : 0;
 	if (period && slot) {
+		/* Out of line: laid out so, the fixed period's code is what it was (the
+		 * verifier drops this test on a load-time constant; checked with bpftool
+		 * prog dump xlated). */
+		if (period > KVMT_MAX_STACK_PERIOD)
+			goto rate_target;
 		/* Sampled: only every period-th event of this CPU and VM takes a stack. */
 		if (period > 1) {
 			if (++slot->since < period)
@@ -306,6 +306,12 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 		sk.stackid = bpf_get_stackid(ctx, &stackmap, 0);
 		percpu_inc(&stk, &sk);
 	}
+	return 1;
+rate_target:
+	/* KVMT_RATE_TARGET is set: the same compare as a fixed period, against the slot's. */
+	if (++slot->since < slot->period)
+		return 1;
+	rate_stack(ctx, probe, e, slot, period & ~KVMT_RATE_TARGET);
 	return 1;
 }
 

@@ -12,6 +12,8 @@
 #define KVMT_MAX_STACK_DEPTH 127
 /* The largest sampling period (harness/trace/probes.py MAX_STACK_PERIOD). */
 #define KVMT_MAX_STACK_PERIOD (1 << 20)
+/* stack_period[] of a rate target: this flag | ns between stacks. */
+#define KVMT_RATE_TARGET 0x80000000u
 #define KVMT_LAT_BUCKETS 66 /* 0, then [2^k, 2^(k+1)) for k = 0..63 */
 
 /* getpriority(which, who) host markers (harness/trace/program.py). */

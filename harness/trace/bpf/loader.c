@@ -611,9 +611,9 @@ int main(int argc, char **argv)
 		int id = probe_id_of(c.stacks[i]);
 		if (id < 0 || id >= KVMT_MAX_PROBES)
 			die("stack %s: unknown probe", c.stacks[i]);
-		skel->rodata->stack_period[id] = c.stack_period[i];
-		skel->rodata->stack_interval[id] =
-			c.stack_rate[i] ? (1000000000u + c.stack_rate[i] / 2) / c.stack_rate[i] : 0;
+		skel->rodata->stack_period[id] = c.stack_rate[i]
+			? KVMT_RATE_TARGET | (1000000000u + c.stack_rate[i] / 2) / c.stack_rate[i]
+			: c.stack_period[i];
 	}
 	skel->rodata->n_targets = c.n_targets;
 	for (unsigned i = 0; i < c.n_targets; i++) {
