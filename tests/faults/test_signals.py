@@ -186,7 +186,7 @@ def test_signal_during_image_build(tmp_path: Path, empty_cache: Path, sig: signa
     try:
         run_id = wait_for(lambda: first_result(results), 60, "the result file", proc=proc)["run_id"]
         wait_for(lambda: debootstrap_running(cache), 60, "debootstrap to start", proc=proc)
-        time.sleep(3)  # any moment of the build will do; this one is inside debootstrap
+        time.sleep(1)  # any moment of the build will do; this one is inside debootstrap
         assert debootstrap_running(cache)
         proc.send_signal(sig)
         sent = time.monotonic()
@@ -223,7 +223,8 @@ def test_sigterm_of_image_build_command(tmp_path: Path, empty_cache: Path) -> No
     proc = start_cli("image", "build", "linux", cache=cache)
     try:
         wait_for(lambda: debootstrap_running(cache), 60, "debootstrap to start", proc=proc)
-        time.sleep(2)
+        time.sleep(1)
+        assert debootstrap_running(cache)
         proc.send_signal(signal.SIGTERM)
         done = finish(proc, 60)
     finally:
