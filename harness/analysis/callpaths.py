@@ -5,6 +5,8 @@ repetitions of its workload (and over boots), so a tree or flame graph shows
 where that phase's events came from; ``--phase``/``--probe``/``--vm`` narrow it.
 Sampled stacks (``name/N``) are summed the same way; each tree node then also
 shows its estimated events with a 95% Wilson interval (harness/trace/stacks.py).
+Rate targets (``name@Rhz``) sum their weights too: a node's share is of the weights,
+and folded output counts weights (the events the stacks stand for), not samples.
 Runs that differ in their parameters are never summed: each parameter set is
 its own entry, labelled with the parameters that differ. Everything here is
 iterative (a result from elsewhere may hold a stack thousands of frames deep)
@@ -160,9 +162,12 @@ def folded_lines(prefix: tuple[str, ...], stacks: ProbeStacks) -> list[str]:
     """Brendan Gregg's folded format: ``frame;frame;... count``, outermost frame first.
 
     Frames from the file are made printable, and a ``;`` or blank in one (which would
-    split it) becomes ``_``.
+    split it) becomes ``_``. A rate target's stacks count their weights (the events
+    they stand for), as samples taken at different periods are not alike.
     """
-    return [";".join((*prefix, *map(_frame, s.frames))) + f" {s.count}" for s in stacks.stacks]
+    return [";".join((*prefix, *map(_frame, s.frames)))
+            + f" {s.weight if stacks.rate_hz is not None and s.weight else s.count}"
+            for s in stacks.stacks]
 
 
 def _frame(text: str) -> str:
@@ -197,6 +202,15 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
             node.weight += s.weight or s.count
             node.weight_sq += s.weight_sq or s.weight or s.count
     total = max(stacks.stacked, 1)
+    weighted = stacks.rate_hz is not None
+    w, wsq = stacks.weight or 0, stacks.weight_sq or 0
+
+    def share_of(node: _Node) -> float:
+        """Of the samples; of their weights (the events they stand for) for a rate target."""
+        if weighted:
+            return node.weight / w if w else 0.0
+        return node.count / total
+
     lines: list[str] = []
     todo: list[tuple[int, str, _Node]] = [(-1, "", root)]
     while todo:
@@ -205,21 +219,16 @@ def tree_lines(stacks: ProbeStacks, *, min_share: float = 0.0) -> list[str]:
             pad = "  " * min(depth, MAX_INDENT)
             deep = f"[depth {depth}] " if depth > MAX_INDENT else ""
             est = ""
-            if stacks.rate_hz is not None:
-                w, wsq = stacks.weight or 0, stacks.weight_sq or 0
-                lo, hi = wilson(*effective(min(node.weight, w), w, min(node.weight_sq, wsq), wsq))
-                share = node.weight / w if w else 0.0
-                est = (f"  ~{share * stacks.events:.0f} "
-                       f"[{lo * stacks.events:.0f}, {hi * stacks.events:.0f}]")
-            elif stacks.period > 1:
-                lo, hi = wilson(node.count, stacks.stacked)
-                share = node.count / total
-                est = (f"  ~{share * stacks.events:.0f} "
+            if weighted or stacks.period > 1:
+                lo, hi = (wilson(*effective(min(node.weight, w), w, min(node.weight_sq, wsq), wsq))
+                          if weighted else wilson(node.count, stacks.stacked))
+                est = (f"  ~{share_of(node) * stacks.events:.0f} "
                        f"[{lo * stacks.events:.0f}, {hi * stacks.events:.0f}]")
             lines.append(f"{pad}{deep}{printable(name)}  {node.count} "
-                         f"({100 * node.count / total:.1f}%){est}")
-        children = sorted(node.children.items(), key=lambda kv: -kv[1].count)
+                         f"({100 * share_of(node):.1f}%){est}")
+        children = sorted(node.children.items(),
+                          key=lambda kv: -(kv[1].weight if weighted else kv[1].count))
         # Pushed in reverse so the largest child is printed first, as the recursion did.
         todo.extend((depth + 1, n, c) for n, c in reversed(children)
-                    if c.count / total >= min_share)
+                    if share_of(c) >= min_share)
     return lines

@@ -365,9 +365,17 @@ def test_harness_stacks_says_the_rate_and_the_mean_period() -> None:
     k, n = effective(1806, 1830, 2 * (500**2 + 400**2 + 9), st.weight_sq or 0)
     lo, hi = wilson(k, n)
     share = 1806 / 1830
-    assert (f"handle_io  6 (42.9%)  ~{share * 2000:.0f} [{lo * 2000:.0f}, {hi * 2000:.0f}]"
-            in tree)
+    # Samples through the node, its share of the weights, the estimate and interval.
+    assert (f"handle_io  6 ({100 * share:.1f}%)  ~{share * 2000:.0f} "
+            f"[{lo * 2000:.0f}, {hi * 2000:.0f}]") in tree
     assert st.path_estimates["handle_io"].events == pytest.approx(share * 2000)
+    # Folded stacks count the events the samples stand for; a node below 2% of the
+    # weight is left out although it holds 8 of the 14 samples.
+    folded = callpaths.render_folded([item])
+    assert f";x86_emulate_instruction {2 * 903}\n" in folded
+    assert f";x86_emulate_instruction {2 * 12}\n" in folded
+    assert "handle_io" not in "".join(callpaths.tree_lines(
+        _rate_stacks({PIO: [1, 1, 1, 1, 1, 1, 1, 1], EMUL: [400, 400]}, 808), min_share=0.02))
 
 
 def test_result_files_without_the_rate_fields_still_load() -> None:
