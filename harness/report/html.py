@@ -300,12 +300,25 @@ def _callpaths(page: Page, prefix: str, result: RunResult) -> None:
     for it in items:
         st = it.stacks
         cover = f"{st.stacked} of {st.events} events stacked"
+        if st.rate_hz is not None:
+            cover = (f"sampled at about {st.rate_hz} stacks/s per CPU: {st.stacked} stacks of "
+                     f"{st.events} events, mean period {st.period}")
+        elif st.period > 1:
+            cover = (f"sampled, a stack every {st.period} events per CPU: {st.stacked} stacks "
+                     f"of {st.events} events")
         cut = f", {st.truncated} cut at depth {st.depth}" if st.truncated else ""
         page.add(f"<p>{esc(it.label)}, probe <code>{esc(it.probe)}</code>: "
                  f"{it.repetitions} repetition(s), {cover}{cut}</p>")
         if st.stacks:
             page.plot(plots.icicle(f"stacks-{it.label}-{it.probe}",
                                    f"{it.label}: {it.probe}", st), prefix)
+        if st.path_estimates:  # sampled: the estimate and its interval beside the samples
+            rows = [[fn, n, f"~{est.events:.0f} [{est.low:.0f}, {est.high:.0f}]"]
+                    for fn, n in list(st.paths.items())[:12]
+                    if (est := st.path_estimates.get(fn)) is not None]
+            page.add(table(["function on the stack", "stacks through it",
+                            "estimated events [95% interval]"], rows))
+            continue
         top = list(st.paths.items())[:12]
         if top:
             page.add(table(["function on the stack", "events through it"], top))

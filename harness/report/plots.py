@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # before pyplot: a report is written on headless CI runne
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from harness.trace.model import HistBucketModel, ProbeStacks
+from harness.trace.model import HistBucketModel, ProbeStacks, StackCount
 
 #: Resolution of every PNG: sharp enough for a browser, small enough to inline.
 DPI = 90
@@ -142,17 +142,31 @@ def _colour(fn: str) -> tuple[float, float, float]:
     return (0.85 + 0.15 * h, 0.35 + 0.45 * (1 - h), 0.15 + 0.2 * h)
 
 
-def icicle(name: str, title: str, stacks: ProbeStacks) -> Plot:
-    """An icicle (an upside-down flame graph): the outermost frame on top, width = events."""
-    total = sum(s.count for s in stacks.stacks) or 1
-    depth = max((len(s.frames) for s in stacks.stacks), default=1)
-    fig, ax = plt.subplots(figsize=(9.0, 0.32 * depth + 0.9))
-    # Merge identical prefixes so each frame of a call tree is one box.
+def icicle_boxes(stacks: ProbeStacks) -> tuple[dict[tuple[str, ...], int], int]:
+    """Each call-tree prefix's width, identical prefixes merged, and the total width.
+
+    Widths are events: stack counts, or for a rate target the stacks' weights (the
+    events they stand for; samples taken at different periods are not alike).
+    """
+    weighted = stacks.rate_hz is not None
+
+    def width(s: StackCount) -> int:
+        return s.weight if weighted and s.weight else s.count
+
     boxes: dict[tuple[str, ...], int] = {}
     for s in stacks.stacks:
         for d in range(1, len(s.frames) + 1):
             key = tuple(s.frames[:d])
-            boxes[key] = boxes.get(key, 0) + s.count
+            boxes[key] = boxes.get(key, 0) + width(s)
+    return boxes, sum(map(width, stacks.stacks)) or 1
+
+
+def icicle(name: str, title: str, stacks: ProbeStacks) -> Plot:
+    """An icicle (an upside-down flame graph): the outermost frame on top, width = events."""
+    weighted = stacks.rate_hz is not None
+    boxes, total = icicle_boxes(stacks)
+    depth = max((len(s.frames) for s in stacks.stacks), default=1)
+    fig, ax = plt.subplots(figsize=(9.0, 0.32 * depth + 0.9))
     offsets: dict[tuple[str, ...], float] = {(): 0.0}
     for key in sorted(boxes, key=lambda k: (len(k), -boxes[k], k)):
         parent = key[:-1]
@@ -168,7 +182,8 @@ def icicle(name: str, title: str, stacks: ProbeStacks) -> Plot:
     ax.set_xlim(0, 1)
     ax.set_ylim(-depth + 0.4, 0.6)
     ax.set_yticks([])
-    ax.set_xlabel(f"share of {total} stacked events", fontsize=8)
+    ax.set_xlabel(f"share of the {total} events of {stacks.stacked} stacks" if weighted
+                  else f"share of {total} stacked events", fontsize=8)
     ax.set_title(title, fontsize=10, loc="left")
     return _finish(fig, name, title, f"{title}: call paths, outermost frame on top")
 

@@ -17,6 +17,7 @@ from harness.analysis.compare import _sampled, compare
 from harness.analysis.figures import phase_figures
 from harness.analysis.resultset import load_side
 from harness.analysis.stats import sampling_test
+from harness.report import html, plots
 from harness.spec import SpecError, load_suite
 from harness.trace import libbpf as L
 from harness.trace import probes as P
@@ -390,3 +391,20 @@ def test_result_files_without_the_rate_fields_still_load() -> None:
     rate = _rate_stacks({PIO: [500, 400, 3], EMUL: [1, 2]}, 1000)
     assert ProbeStacks.model_validate_json(rate.model_dump_json()) == rate
     assert path_estimates({"a": 10}, 10, 640)["a"].effective_samples is None
+
+
+def test_the_html_report_says_the_rate_and_shows_the_estimates() -> None:
+    r = run_result("b", [1.0])
+    st = _rate_stacks({PIO: [500, 400, 3], EMUL: [1, 2, 2, 7]}, 1000)
+    r.runs[0].phases[0].trace = _trace(st)
+    page = html.build([(Path("r.json"), r)])
+    text = "".join(page.parts)
+    assert ("sampled at about 1000 stacks/s per CPU: 7 stacks of 1000 events, mean period "
+            "131") in text
+    io = st.path_estimates["handle_io"]
+    assert f"~{io.events:.0f} [{io.low:.0f}, {io.high:.0f}]" in text
+    # The icicle is as wide as the weights: handle_io's box 903 of 915, not 3 of 7 stacks.
+    boxes, total = plots.icicle_boxes(st)
+    assert (boxes[PIO[:3]], boxes[EMUL], total) == (903, 12, 915)
+    fixed = _fixed(3, 4, 640)
+    assert plots.icicle_boxes(fixed)[0][PIO[:3]] == 3 and plots.icicle("i", "paths", st).png
