@@ -291,9 +291,9 @@ static __always_inline int begin(void *ctx, __u32 probe, struct ev *e)
 		return 0;
 	__u32 period = probe < KVMT_MAX_PROBES ? stack_period[probe] : 0;
 	if (period && slot) {
-		/* Out of line: laid out so, the fixed period's code is what it was (the
-		 * verifier drops this test on a load-time constant; checked with bpftool
-		 * prog dump xlated). */
+		/* A rate target is handled out of line (below), so that a fixed period
+		 * runs the instructions it ran before: the verifier drops this test on a
+		 * load-time constant (checked with bpftool prog dump xlated). */
 		if (period > KVMT_MAX_STACK_PERIOD)
 			goto rate_target;
 		/* Sampled: only every period-th event of this CPU and VM takes a stack. */
