@@ -148,22 +148,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 @contextmanager
-def _migration_lock(engine: Engine, conn: Connection) -> Iterator[None]:
-    """One migrator at a time: an advisory lock (PostgreSQL) or a lock file (SQLite)."""
-    if engine.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-        yield
-        return
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A transaction to migrate in, one migrator at a time: PostgreSQL's advisory
+    lock inside it, or (SQLite) a lock file around it.
+
+    The lock file is taken before the connection and released after the commit:
+    released first, a second indexer read the schema version before the first's
+    commit and created the tables again ("table runs already exists"); and a new
+    file's first connection switches it to WAL, which wants the file to itself.
+    """
     db = engine.url.database
-    if not db or db == ":memory:":
-        yield
+    if engine.dialect.name == "sqlite" and db and db != ":memory:":
+        with open(f"{db}.migrate.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                with engine.begin() as conn:
+                    yield conn
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
         return
-    with open(f"{db}.migrate.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Held until this transaction ends, commit included.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        yield conn
 
 
 def migrate(engine: Engine) -> None:
@@ -177,7 +185,7 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     script = ScriptDirectory.from_config(cfg)
     head = script.get_current_head()
-    with engine.begin() as conn, _migration_lock(engine, conn):
+    with _migration_lock(engine) as conn:
         current = MigrationContext.configure(conn).get_current_revision()
         if current == head:
             return
