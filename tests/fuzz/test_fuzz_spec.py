@@ -18,6 +18,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from harness.spec import SpecError, Suite, load_suite, load_workload
+from harness.trace.probes import MAX_STACK_PERIOD, MAX_STACK_RATE, split_stack_entry
 from tests.fuzz.strategies import NASTY_TEXT, TOML_VALUES, tally, toml_document
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,3 +156,37 @@ def test_set_values(overrides: list[str]) -> None:
         if isinstance(got, Suite):
             mib = got.spec.runs[0].params["mib"]
             assert isinstance(mib, int) and 1 <= mib <= 1024
+
+
+#: `[trace] stacks` entries: a probe or group, then nothing, a period (`/N`) or a
+#: rate target (`@Rhz`), built from pieces near the valid forms and from anywhere.
+STACK_ENTRY = st.one_of(
+    NASTY_TEXT,
+    st.builds(lambda name, sep, n, unit: f"{name}{sep}{n}{unit}",
+              st.sampled_from(["kvm_emulate_insn", "kvm_cpuid", "stacks", "nope", ""]),
+              st.sampled_from(["/", "@", "/@", "@/", "", " @ "]),
+              st.one_of(st.integers(-5, (1 << 21) + 5).map(str), NASTY_TEXT),
+              st.sampled_from(["hz", "Hz", "HZ", "", "khz", " hz", "hz\x00"])),
+)
+
+
+@settings(max_examples=150)
+@given(st.lists(STACK_ENTRY, max_size=4))
+@example(["kvm_emulate_insn@100001hz"])
+@example(["kvm_emulate_insn@0hz", "kvm_emulate_insn/0"])
+@example(["kvm_emulate_insn/8@100hz"])
+@example(["kvm_emulate_insn@1000hz", "kvm_emulate_insn/61"])
+@example(["kvm_emulate_insn@\u0663hz"])  # a non-ASCII digit
+def test_stack_entries(entries: list[str]) -> None:
+    doc = copy.deepcopy(SUITE)
+    doc["trace"] = {"probes": ["all"], "stacks": entries}
+    with tree(toml_document(doc), toml_document(WORKLOAD)) as path:
+        got = load_or_spec_error(path)
+    for entry in entries:
+        try:
+            parsed = split_stack_entry(entry)
+        except ValueError:
+            assert not isinstance(got, Suite), f"{entry!r} is refused alone but loaded"
+            continue
+        assert 1 <= parsed.period <= MAX_STACK_PERIOD
+        assert parsed.rate_hz is None or 1 <= parsed.rate_hz <= MAX_STACK_RATE
