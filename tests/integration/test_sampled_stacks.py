@@ -59,10 +59,14 @@ def exact_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
 def sampled_run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, RunResult]:
-    out = tmp_path_factory.mktemp(f"sampled-{request.param}")
-    # The last CPU: the one least likely to be CPU 0's interrupt work.
-    return _run(out, f"{PROBE}/{PERIOD},kvm_cpuid", str(request.param),
-                pin=(os.cpu_count() or 1) - 1)
+    return _pinned_run(tmp_path_factory.mktemp(f"sampled-{request.param}"),
+                       f"{PROBE}/{PERIOD},kvm_cpuid", str(request.param))
+
+
+def _pinned_run(out: Path, stacks: str, tracer: str) -> tuple[Path, RunResult]:
+    """A sampled run with the vCPU pinned to the last CPU: the one least likely to be
+    CPU 0's interrupt work."""
+    return _run(out, stacks, tracer, pin=(os.cpu_count() or 1) - 1)
 
 
 def _expected() -> dict[str, int]:
@@ -144,9 +148,8 @@ RATE = 2000
 def rate_run(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, RunResult]:
-    out = tmp_path_factory.mktemp(f"rate-{request.param}")
-    return _run(out, f"{PROBE}@{RATE}hz,kvm_cpuid", str(request.param),
-                pin=(os.cpu_count() or 1) - 1)
+    return _pinned_run(tmp_path_factory.mktemp(f"rate-{request.param}"),
+                       f"{PROBE}@{RATE}hz,kvm_cpuid", str(request.param))
 
 
 def test_a_rate_target_keeps_counts_exact_and_weights_within_the_events(
