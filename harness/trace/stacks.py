@@ -191,17 +191,11 @@ def probe_stacks(
     out: dict[str, ProbeStacks] = {}
     for name in sorted(stacks):
         counts = stacks[name]
-        events = events_by_probe.get(name, 0)
-        rate = (rates or {}).get(name)
-        if rate is not None:
-            out[name] = build_stacks(
-                counts, events, depth, sum(n for f, n in counts.items() if len(f) >= depth),
-                rate_hz=rate, weights=(weights or {}).get(name, {}),
-                weights_sq=(weights_sq or {}).get(name, {}))
-            continue
-        out[name] = build_stacks(counts, events, depth,
-                                 sum(n for f, n in counts.items() if len(f) >= depth),
-                                 period=(periods or {}).get(name, 1))
+        out[name] = build_stacks(
+            counts, events_by_probe.get(name, 0), depth,
+            sum(n for f, n in counts.items() if len(f) >= depth),
+            period=(periods or {}).get(name, 1), rate_hz=(rates or {}).get(name),
+            weights=(weights or {}).get(name, {}), weights_sq=(weights_sq or {}).get(name, {}))
     return out
 
 
