@@ -116,12 +116,10 @@ def collect(
     out = []
     for key, (reps, counts, totals) in sums.items():
         vm_name, workload, params, phase_name, name = key
-        if key in rates:  # a rate target in any repetition: weights (1 a sample where none)
-            w, w2 = wsums.get(key, (Counter(), Counter()))
-            st = build_stacks(counts, totals[0], totals[3], totals[2], rate_hz=rates[key],
-                              weights=w, weights_sq=w2)
-        else:
-            st = build_stacks(counts, totals[0], totals[3], totals[2], period=totals[4])
+        # A rate target in any repetition: weights (1 a sample where none).
+        w, w2 = wsums.get(key, (Counter(), Counter()))
+        st = build_stacks(counts, totals[0], totals[3], totals[2], period=totals[4],
+                          rate_hz=rates.get(key), weights=w, weights_sq=w2)
         # Summed over repetitions: say the samples that were taken, not a recount.
         st.stacked = totals[1]
         out.append(PhaseProbeStacks(vm=vm_name, workload=workload, phase=phase_name,
